@@ -1,0 +1,5 @@
+#pragma once
+
+#define MPIEP_VERSION_MAJOR 0
+#define MPIEP_VERSION_MINOR 1
+#define MPIEP_VERSION_PATCH 0
