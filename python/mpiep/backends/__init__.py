@@ -1,0 +1,1 @@
+"""Backends: the reference (torch + MPI) and the compiled CUDA core."""

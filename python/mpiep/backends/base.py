@@ -1,0 +1,107 @@
+"""The interface every backend implements.
+
+``Buffer`` validates arguments, agrees on them across ranks, handles streams and
+events, and then calls exactly one of these methods. Inputs reaching a backend are
+therefore already checked: right dtypes, shapes, devices, contiguity, ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mpiep.config import Config
+from mpiep.handles import DispatchHandle, LowLatencyHandle
+
+
+@dataclass
+class Layout:
+    num_tokens_per_rank: torch.Tensor  # [R] int32
+    num_tokens_per_rdma_rank: torch.Tensor | None  # [nodes] int32, None on one node
+    num_tokens_per_expert: torch.Tensor  # [E] int32
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+
+
+@dataclass
+class DispatchResult:
+    recv_x: torch.Tensor
+    recv_x_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    num_recv_tokens_per_expert_list: list[int]
+    handle: DispatchHandle
+
+
+@dataclass
+class LowLatencyDispatchResult:
+    recv_x: torch.Tensor  # [E_local, R*max, H] bf16 or e4m3
+    recv_x_scales: torch.Tensor | None  # [E_local, R*max, H/128] f32, or [.., H/512] int32 (UE8M0)
+    recv_count: torch.Tensor  # [E_local] int32
+    handle: LowLatencyHandle
+    hook: Callable[[], None] | None  # finishes the receive when return_recv_hook=True
+
+
+class Backend(Protocol):
+    name: str
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout: ...
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        layout: Layout | None,
+        handle: DispatchHandle | None,
+        num_experts: int,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config: Config,
+    ) -> DispatchResult:
+        """Normal dispatch. With ``handle`` (cached mode) ``layout``/``topk_*`` are None."""
+        ...
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        config: Config,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        cumulative_local_expert_recv_stats: torch.Tensor | None,
+        return_recv_hook: bool,
+    ) -> LowLatencyDispatchResult: ...
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        zero_copy: bool,
+        out: torch.Tensor | None,
+        return_recv_hook: bool,
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]: ...
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor: ...
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None: ...
+
+    def destroy(self) -> None: ...

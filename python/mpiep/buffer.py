@@ -1,0 +1,744 @@
+"""``Buffer``: the public entry point, DeepEP's API over an mpi4py communicator.
+
+Every call follows the same path: check arguments locally, agree on them across
+ranks (``Communicator.agree``, so a bad argument fails the call on every rank
+before any rank waits for data), order the work on the communication stream, and
+hand it to the backend (``backends/reference.py`` or ``backends/cuda.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from mpi4py import MPI
+
+from mpiep import config as cfg
+from mpiep import validate as val
+from mpiep.backends.base import Backend, Layout
+from mpiep.comm import Communicator
+from mpiep.config import Config
+from mpiep.errors import CapacityError
+from mpiep.event import EventOverlap
+from mpiep.handles import DispatchHandle, LowLatencyHandle
+
+BF16 = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+X_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+
+
+class Buffer:
+    """Communication buffers and kernels for one expert-parallel group.
+
+    Args:
+        comm: the mpi4py communicator of the EP group (default ``MPI.COMM_WORLD``); one
+            rank per GPU. mpiep duplicates it, so its messages never mix with yours.
+        num_nvl_bytes: NVLink buffer for normal mode; size it with
+            :func:`mpiep.get_normal_buffer_size_hint`.
+        num_rdma_bytes: symmetric NVSHMEM buffer for low-latency (and internode) mode;
+            size it with :meth:`get_low_latency_rdma_size_hint`.
+        low_latency_mode: enable ``low_latency_dispatch``/``low_latency_combine``.
+        num_qps_per_rank: RDMA queue pairs per peer (low-latency mode: at least the
+            number of local experts for best speed).
+        allow_nvlink_for_low_latency_mode: use NVLink stores to peers that are reachable;
+            False forces every low-latency message through RDMA.
+        allow_mnnvl: allow multi-node NVLink (GB200-class systems).
+        explicitly_destroy: if True, ``destroy()`` must be called; otherwise buffers are
+            released when the object is collected.
+        backend: "auto" (GPU kernels when CUDA and the compiled core are present, else the
+            reference), "cuda" or "reference".
+        ranks_per_node: treat every ``ranks_per_node`` consecutive ranks as one node
+            ("virtual nodes", to test internode paths on one host); env MPIEP_RANKS_PER_NODE.
+        timeout_s: seconds to wait on a peer before raising ``PeerTimeoutError`` (env
+            MPIEP_TIMEOUT_S, default 20).
+        validate: check argument values (expert id range) and agreement across ranks on
+            every call. Default: on for the reference backend, off for CUDA (it costs a
+            device sync and an MPI allgather); env MPIEP_VALIDATE=0/1.
+        device: the CUDA device to use (default: local rank modulo visible devices), or
+            "cpu" to force CPU tensors.
+    """
+
+    num_sms: int = 24
+
+    def __init__(
+        self,
+        comm: MPI.Comm | None = None,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        explicitly_destroy: bool = False,
+        *,
+        backend: str = "auto",
+        ranks_per_node: int | None = None,
+        timeout_s: float | None = None,
+        validate: bool | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if num_qps_per_rank <= 0:
+            raise ValueError(f"num_qps_per_rank must be positive, got {num_qps_per_rank}")
+        if backend not in ("auto", "cuda", "reference"):
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'reference', got {backend!r}")
+
+        self.comm = Communicator(comm, ranks_per_node=ranks_per_node, timeout_s=timeout_s)
+        self.rank = self.comm.rank
+        self.group_size = self.comm.size
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.allow_mnnvl = allow_mnnvl
+        self.explicitly_destroy = explicitly_destroy
+        self.device = self._pick_device(device)
+        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.backend: Backend = self._make_backend(backend)
+        if validate is None:
+            env = os.environ.get("MPIEP_VALIDATE")
+            validate = env == "1" if env is not None else self.backend.name == "reference"
+        self.validate = bool(validate)
+        self._destroyed = False
+
+    # -- set-up -------------------------------------------------------------------------
+    def _pick_device(self, device: str | torch.device | None) -> torch.device:
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", self.comm.select_device(torch.cuda.device_count()))
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", self.comm.select_device(torch.cuda.device_count()))
+        else:
+            device = torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def _make_backend(self, choice: str) -> Backend:
+        from mpiep.backends.reference import ReferenceBackend
+
+        if choice == "reference" or (choice == "auto" and self.device.type != "cuda"):
+            return ReferenceBackend(self.comm, self.device, self.num_nvl_bytes, self.num_rdma_bytes)
+        from mpiep.backends import cuda
+
+        reason = cuda.unavailable_reason(self.device)
+        if reason is None:
+            return cuda.CudaBackend(self)
+        if choice == "cuda":
+            raise RuntimeError(f"backend='cuda' is not available: {reason}")
+        warnings.warn(f"mpiep: using the reference backend: {reason}", stacklevel=3)
+        return ReferenceBackend(self.comm, self.device, self.num_nvl_bytes, self.num_rdma_bytes)
+
+    # -- configuration ----------------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """SMs the normal-mode kernels may use (even; default 24)."""
+        if new_num_sms <= 0 or new_num_sms % 2:
+            raise ValueError(f"num_sms must be a positive even number, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return cfg.default_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return cfg.default_combine_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        return cfg.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
+
+    @staticmethod
+    def get_normal_buffer_size_hint(
+        num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 8
+    ) -> int:
+        return cfg.get_normal_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.comm.num_nodes
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def capture(self) -> EventOverlap:
+        """An event on the current stream, to pass as ``previous_event``."""
+        if self.device.type != "cuda":
+            return EventOverlap(None)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return EventOverlap(event)
+
+    # -- the collective argument check ---------------------------------------------------
+    def _checked(self, what: str, check: Callable[[], Sequence[Any]]) -> None:
+        """Run the local ``check`` (returns the call's signature); with validation on,
+        agree on the outcome across ranks so that all ranks fail together."""
+        self._ensure_alive()
+        error: Exception | None = None
+        signature: Sequence[Any] = ()
+        try:
+            signature = check()
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.validate:
+            sent = ("__error__", f"{type(error).__name__}: {error}") if error else signature
+            self.comm.agree(sent, what)
+        if error is not None:
+            raise error
+
+    def _ensure_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed")
+
+    # -- stream handling ----------------------------------------------------------------
+    def _on_comm_stream(
+        self,
+        run: Callable[[], Any],
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        inputs: Sequence[torch.Tensor | None],
+        outputs: Callable[[Any], Sequence[torch.Tensor | None]],
+    ) -> tuple[Any, EventOverlap]:
+        """Run ``run`` on the communication stream after ``previous_event`` (or the current
+        stream), then either make the current stream wait (sync) or return an event."""
+        if self.comm_stream is None:
+            return run(), EventOverlap(None)
+        if allocate_on_comm_stream and previous_event is None:
+            raise ValueError("allocate_on_comm_stream=True needs previous_event")
+        compute = torch.cuda.current_stream()
+        if previous_event is not None and previous_event.event is not None:
+            self.comm_stream.wait_event(previous_event.event)
+        else:
+            self.comm_stream.wait_stream(compute)
+        with torch.cuda.stream(self.comm_stream):
+            result = run()
+        tensors = [t for t in (*inputs, *outputs(result)) if isinstance(t, torch.Tensor)]
+        event = torch.cuda.Event()
+        event.record(self.comm_stream)
+        if async_finish:
+            # The caching allocator must not reuse these before the comm stream is done.
+            for t in tensors:
+                t.record_stream(self.comm_stream)
+            if allocate_on_comm_stream:
+                for t in tensors:
+                    t.record_stream(compute)
+            return result, EventOverlap(event, tuple(tensors))
+        compute.wait_stream(self.comm_stream)
+        if not allocate_on_comm_stream:
+            for t in outputs(result):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(compute)
+        return result, EventOverlap(event)
+
+    # -- normal mode ----------------------------------------------------------------------
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]:
+        """Which ranks and experts each token goes to (no communication).
+
+        Returns ``num_tokens_per_rank`` [R] int32, ``num_tokens_per_rdma_rank`` [nodes]
+        int32 (None on one node), ``num_tokens_per_expert`` [E] int32,
+        ``is_token_in_rank`` [T, R] bool, and an event.
+        """
+
+        def check() -> Sequence[Any]:
+            val.check_num_experts(num_experts, self.group_size)
+            val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device)
+            val.check_topk_idx(topk_idx, num_experts, self.validate)
+            return (
+                ("op", "get_dispatch_layout"),
+                ("num_experts", num_experts),
+                ("num_topk", topk_idx.shape[1]),
+            )
+
+        self._checked("get_dispatch_layout", check)
+        layout, event = self._on_comm_stream(
+            lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+            [topk_idx],
+            lambda lay: [
+                lay.num_tokens_per_rank,
+                lay.num_tokens_per_rdma_rank,
+                lay.num_tokens_per_expert,
+                lay.is_token_in_rank,
+            ],
+        )
+        return (
+            layout.num_tokens_per_rank,
+            layout.num_tokens_per_rdma_rank,
+            layout.num_tokens_per_expert,
+            layout.is_token_in_rank,
+            event,
+        )
+
+    def dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: DispatchHandle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[
+        Any,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        list[int] | None,
+        DispatchHandle,
+        EventOverlap,
+    ]:
+        """Send each token once to every rank that owns at least one of its experts.
+
+        ``x`` is bf16 [T, H] or an FP8 tuple ``(e4m3 [T, H], float32 scales [T, H/128])``.
+        Pass the layout from :meth:`get_dispatch_layout` (and ``topk_idx``/``topk_weights``),
+        or a ``handle`` from an earlier dispatch to repeat it without a layout (cached mode).
+
+        Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)``. Received rows are ordered by source rank, then source token id;
+        ``recv_topk_idx`` holds local expert ids (-1 for experts elsewhere).
+        """
+        config = config or self.get_dispatch_config(self.group_size)
+        data, scales = val.split_fp8(x)
+        cached = handle is not None
+
+        def check() -> Sequence[Any]:
+            val.check_tensor("x", data, X_DTYPES, 2, self.device)
+            tokens, hidden = data.shape
+            if scales is not None or data.dtype == FP8:
+                if data.dtype != FP8:
+                    raise TypeError(f"FP8 dispatch takes x as float8_e4m3fn, got {data.dtype}")
+                if scales is None:
+                    raise ValueError("FP8 x needs its scales: pass x as (x_e4m3, scales)")
+                if hidden % 128:
+                    raise ValueError(
+                        f"FP8 x needs a hidden size that is a multiple of 128, got {hidden}"
+                    )
+                val.check_tensor(
+                    "x scales", scales, torch.float32, 2, self.device, (tokens, hidden // 128)
+                )
+            if not isinstance(expert_alignment, int) or expert_alignment <= 0:
+                raise ValueError(
+                    f"expert_alignment must be a positive int, got {expert_alignment!r}"
+                )
+            if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+                raise ValueError(
+                    f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}"
+                )
+            num_topk = None
+            if cached:
+                if not isinstance(handle, DispatchHandle):
+                    raise TypeError(
+                        f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
+                    )
+                if handle.num_tokens != tokens or handle.hidden != hidden:
+                    raise ValueError(
+                        f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
+                        f"[{handle.num_tokens}, {handle.hidden}]"
+                    )
+                num_experts = handle.num_experts
+            else:
+                for name, t in (
+                    ("num_tokens_per_rank", num_tokens_per_rank),
+                    ("is_token_in_rank", is_token_in_rank),
+                    ("num_tokens_per_expert", num_tokens_per_expert),
+                    ("topk_idx", topk_idx),
+                ):
+                    if t is None:
+                        raise ValueError(
+                            f"dispatch without a handle needs {name} (from get_dispatch_layout)"
+                        )
+                val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device, (tokens, None))
+                num_topk = topk_idx.shape[1]
+                if topk_weights is not None:
+                    val.check_tensor(
+                        "topk_weights",
+                        topk_weights,
+                        torch.float32,
+                        2,
+                        self.device,
+                        (tokens, num_topk),
+                    )
+                num_experts = int(num_tokens_per_expert.shape[0])
+                val.check_num_experts(num_experts, self.group_size)
+                val.check_tensor(
+                    "num_tokens_per_rank",
+                    num_tokens_per_rank,
+                    torch.int32,
+                    1,
+                    self.device,
+                    (self.group_size,),
+                )
+                val.check_tensor(
+                    "num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, self.device
+                )
+                val.check_tensor(
+                    "is_token_in_rank",
+                    is_token_in_rank,
+                    torch.bool,
+                    2,
+                    self.device,
+                    (tokens, self.group_size),
+                )
+                val.check_topk_idx(topk_idx, num_experts, self.validate)
+            if self.num_nvl_bytes == 0:
+                raise CapacityError(
+                    "normal-mode dispatch needs an NVLink buffer: create the Buffer with "
+                    "num_nvl_bytes > 0"
+                )
+            return (
+                ("op", "dispatch"),
+                ("hidden", hidden),
+                ("x dtype", str(data.dtype)),
+                ("cached", cached),
+                ("num_topk", num_topk),
+                ("with topk_weights", topk_weights is not None),
+                ("num_experts", num_experts),
+                ("expert_alignment", expert_alignment),
+                ("num_worst_tokens", num_worst_tokens),
+                ("config", config),
+            )
+
+        self._checked("dispatch", check)
+        layout = None
+        if not cached:
+            layout = Layout(
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                num_tokens_per_expert,
+                is_token_in_rank,
+            )
+        num_experts = handle.num_experts if cached else int(num_tokens_per_expert.shape[0])
+        result, event = self._on_comm_stream(
+            lambda: self.backend.dispatch(
+                data,
+                scales,
+                None if cached else topk_idx,
+                None if cached else topk_weights,
+                layout,
+                handle,
+                num_experts,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+            ),
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+            [data, scales, topk_idx, topk_weights, is_token_in_rank],
+            lambda r: [r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights],
+        )
+        recv_x = (result.recv_x, result.recv_x_scales) if scales is not None else result.recv_x
+        if cached:
+            return recv_x, None, None, None, result.handle, event
+        return (
+            recv_x,
+            result.recv_topk_idx,
+            result.recv_topk_weights,
+            result.num_recv_tokens_per_expert_list,
+            result.handle,
+            event,
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor | None, ...] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
+        """Send each received row back to its source and sum per source token (fp32, bf16 out).
+
+        ``x`` is bf16 with the rows of ``dispatch``'s output. Optional ``topk_weights``
+        (the received weights) are summed the same way; ``bias`` (one tensor or a pair,
+        bf16 [T, H]) is added to the sum. Returns ``(combined_x, combined_topk_weights, event)``.
+        """
+        config = config or self.get_combine_config(self.group_size)
+        biases: tuple[torch.Tensor, ...] = ()
+        if isinstance(bias, torch.Tensor):
+            biases = (bias,)
+        elif bias is not None:
+            biases = tuple(b for b in bias if b is not None)
+
+        def check() -> Sequence[Any]:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(
+                    f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
+                )
+            rows = handle.num_output_rows
+            val.check_tensor("x", x, BF16, 2, self.device, (rows, handle.hidden))
+            if topk_weights is not None:
+                val.check_tensor(
+                    "topk_weights", topk_weights, torch.float32, 2, self.device, (rows, None)
+                )
+            for i, b in enumerate(biases):
+                val.check_tensor(
+                    f"bias[{i}]", b, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
+                )
+            return (
+                ("op", "combine"),
+                ("hidden", handle.hidden),
+                ("with topk_weights", topk_weights is not None),
+                ("num_topk", None if topk_weights is None else topk_weights.shape[1]),
+                ("num_bias", len(biases)),
+                ("config", config),
+            )
+
+        self._checked("combine", check)
+        (combined, weights), event = self._on_comm_stream(
+            lambda: self.backend.combine(x, handle, topk_weights, biases, config),
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+            [x, topk_weights, *biases],
+            lambda r: list(r),
+        )
+        return combined, weights, event
+
+    # -- low-latency mode -----------------------------------------------------------------
+    def _check_low_latency(self, max_tokens: int, hidden: int, num_experts: int) -> None:
+        if not self.low_latency_mode:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        if hidden % 128:
+            raise ValueError(
+                f"low-latency mode needs a hidden size that is a multiple of 128, got {hidden}"
+            )
+        need = cfg.get_low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
+        if need > self.num_rdma_bytes:
+            raise CapacityError(
+                f"num_max_dispatch_tokens_per_rank={max_tokens}, hidden={hidden}, "
+                f"num_experts={num_experts} "
+                f"need num_rdma_bytes >= {need} (Buffer.get_low_latency_rdma_size_hint), "
+                f"but the Buffer has {self.num_rdma_bytes}"
+            )
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[Any, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None] | None]:
+        """Send each (token, expert) pair to the expert's rank; shapes depend only on arguments.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``. ``recv_x`` is bf16
+        [E_local, R * max_tokens, H] or, with ``use_fp8``, ``(e4m3, scales)`` with float32
+        scales [E_local, R * max_tokens, H/128] (packed UE8M0 int32 [.., H/512] with
+        ``use_ue8m0``). Rows of each expert are packed from row 0, grouped by source rank;
+        ``recv_count`` [E_local] int32 counts them. With ``return_recv_hook`` the call only
+        sends; ``hook()`` completes the receive.
+        """
+        max_tokens = num_max_dispatch_tokens_per_rank
+
+        def check() -> Sequence[Any]:
+            val.check_tensor("x", x, BF16, 2, self.device)
+            tokens, hidden = x.shape
+            val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device, (tokens, None))
+            val.check_num_experts(num_experts, self.group_size)
+            if not isinstance(max_tokens, int) or max_tokens <= 0:
+                raise ValueError(
+                    f"num_max_dispatch_tokens_per_rank must be a positive int, got {max_tokens!r}"
+                )
+            if tokens > max_tokens:
+                raise CapacityError(
+                    f"x has {tokens} tokens, more than "
+                    f"num_max_dispatch_tokens_per_rank={max_tokens}"
+                )
+            if use_ue8m0 and not use_fp8:
+                raise ValueError("use_ue8m0 needs use_fp8=True")
+            if cumulative_local_expert_recv_stats is not None:
+                val.check_tensor(
+                    "cumulative_local_expert_recv_stats",
+                    cumulative_local_expert_recv_stats,
+                    torch.int32,
+                    1,
+                    self.device,
+                    (num_experts // self.group_size,),
+                )
+            self._check_low_latency(max_tokens, hidden, num_experts)
+            val.check_topk_idx(topk_idx, num_experts, self.validate)
+            return (
+                ("op", "low_latency_dispatch"),
+                ("hidden", hidden),
+                ("num_topk", topk_idx.shape[1]),
+                ("num_max_dispatch_tokens_per_rank", max_tokens),
+                ("num_experts", num_experts),
+                ("use_fp8", use_fp8),
+                ("round_scale", round_scale),
+                ("use_ue8m0", use_ue8m0),
+                ("return_recv_hook", return_recv_hook),
+            )
+
+        self._checked("low_latency_dispatch", check)
+        if return_recv_hook and async_finish:
+            raise ValueError("return_recv_hook and async_finish cannot both be set")
+        result, event = self._ll_stream(
+            lambda: self.backend.low_latency_dispatch(
+                x,
+                topk_idx,
+                max_tokens,
+                num_experts,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                cumulative_local_expert_recv_stats,
+                return_recv_hook,
+            ),
+            async_finish,
+            return_recv_hook,
+            [x, topk_idx],
+            lambda r: [r.recv_x, r.recv_x_scales, r.recv_count],
+        )
+        recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
+        return recv_x, result.recv_count, result.handle, event, result.hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None] | None]:
+        """Send expert outputs back and reduce them with the top-k weights.
+
+        ``out[t] = sum_k w[t,k] * y[expert(t,k), row(t,k)]`` over slots with an expert.
+
+        ``x`` is bf16 [E_local, R * max_tokens, H] (ignored with ``zero_copy``, where the
+        data was written into :meth:`get_next_low_latency_combine_buffer`). Returns
+        ``(combined_x [T, H] bf16, event, hook)``.
+        """
+
+        def check() -> Sequence[Any]:
+            if not isinstance(handle, LowLatencyHandle):
+                raise TypeError(
+                    f"handle must come from low_latency_dispatch, got {type(handle).__name__}"
+                )
+            if use_logfmt:
+                raise ValueError("use_logfmt is not supported yet")
+            e_local = handle.num_experts // self.group_size
+            rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
+            if not zero_copy:
+                val.check_tensor("x", x, BF16, 3, self.device, (e_local, rows, handle.hidden))
+            val.check_tensor(
+                "topk_idx", topk_idx, torch.int64, 2, self.device, (handle.num_tokens, None)
+            )
+            val.check_tensor(
+                "topk_weights", topk_weights, torch.float32, 2, self.device, tuple(topk_idx.shape)
+            )
+            if out is not None:
+                val.check_tensor(
+                    "out", out, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
+                )
+            self._check_low_latency(
+                handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+            )
+            return (
+                ("op", "low_latency_combine"),
+                ("hidden", handle.hidden),
+                ("num_topk", topk_idx.shape[1]),
+                ("zero_copy", zero_copy),
+                ("return_recv_hook", return_recv_hook),
+            )
+
+        self._checked("low_latency_combine", check)
+        if return_recv_hook and async_finish:
+            raise ValueError("return_recv_hook and async_finish cannot both be set")
+        (combined, hook), event = self._ll_stream(
+            lambda: self.backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
+            ),
+            async_finish,
+            return_recv_hook,
+            [x, topk_idx, topk_weights],
+            lambda r: [r[0]],
+        )
+        return combined, event, hook
+
+    def _ll_stream(self, run, async_finish, return_recv_hook, inputs, outputs):  # type: ignore[no-untyped-def]
+        """Low-latency calls run on the current stream unless async (as in DeepEP), so that
+        they can be captured in a CUDA graph together with the surrounding compute."""
+        if self.comm_stream is None or not async_finish:
+            result = run()
+            event = self.capture() if self.comm_stream is not None else EventOverlap(None)
+            return result, event
+        return self._on_comm_stream(run, None, True, False, inputs, outputs)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
+        self._ensure_alive()
+        return self.backend.get_next_low_latency_combine_buffer(handle)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Reset the low-latency buffers (collective)."""
+        self._ensure_alive()
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # -- teardown -----------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the buffers (collective when the backend holds shared memory)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self.backend.destroy()
+        self.comm.free()
+
+    def __del__(self) -> None:
+        if getattr(self, "_destroyed", True) or getattr(self, "explicitly_destroy", True):
+            return
+        try:
+            self.backend.destroy()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"Buffer(rank={self.rank}/{self.group_size}, backend={self.backend.name}, "
+            f"device={self.device}, "
+            f"nodes={self.num_nodes}, low_latency_mode={self.low_latency_mode})"
+        )

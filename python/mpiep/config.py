@@ -1,0 +1,143 @@
+"""Kernel configuration and buffer-size hints.
+
+``Config`` keeps DeepEP's constructor so existing tuning tables carry over. The
+normal-mode kernels of mpiep write every token straight to its final row in the
+receiver's buffer (no ring), so the NVLink buffer must hold the largest receive
+of one dispatch; :func:`get_normal_buffer_size_hint` computes that size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes that every buffer reserves for counters, flags and the count matrices.
+CONTROL_BYTES = 1 << 20
+# Rows are padded to this many bytes so that 16-byte vector copies stay aligned.
+ROW_ALIGN = 16
+FP8_BLOCK = 128  # channels per FP8 scale
+
+
+def _align(n: int, a: int = ROW_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Config:
+    """Per-call kernel configuration.
+
+    ``num_sms`` is the number of SMs the normal-mode kernels may occupy (an even
+    number: half send, half receive). The chunk sizes are kept for DeepEP
+    compatibility and bound how many tokens a channel moves between signals.
+    """
+
+    num_sms: int = 24
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_sms <= 0 or self.num_sms % 2:
+            raise ValueError(f"Config.num_sms must be a positive even number, got {self.num_sms}")
+        for name in (
+            "num_max_nvl_chunked_send_tokens",
+            "num_max_nvl_chunked_recv_tokens",
+            "num_max_rdma_chunked_send_tokens",
+            "num_max_rdma_chunked_recv_tokens",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be positive")
+        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError("Config: NVL send chunk must not exceed the NVL receive chunk")
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """DeepEP-compatible hint: bytes of the chunked NVLink queues of this config.
+
+        mpiep's own kernels need :func:`get_normal_buffer_size_hint` instead; this
+        one is kept so that DeepEP-style sizing code keeps working.
+        """
+        per_token = _align(hidden_bytes) + 64
+        return (
+            CONTROL_BYTES
+            + self.num_channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * per_token
+        )
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """DeepEP-compatible hint for the RDMA queues (internode mode)."""
+        per_token = _align(hidden_bytes) + 64
+        return (
+            CONTROL_BYTES
+            + self.num_channels * num_ranks * self.num_max_rdma_chunked_recv_tokens * per_token * 2
+        )
+
+
+def normal_row_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
+    """Bytes of one token row in the normal-mode buffer: data, FP8 scales, top-k, source id."""
+    data = hidden * (1 if fp8 else 2)
+    scales = (hidden // FP8_BLOCK) * 4 if fp8 else 0
+    return _align(data) + _align(scales) + _align(num_topk * (8 + 4) + 4)
+
+
+def get_normal_buffer_size_hint(
+    num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 8
+) -> int:
+    """NVLink buffer bytes for normal mode: a full receive of BF16 rows from every rank.
+
+    The same region serves dispatch (rows received) and combine (rows sent back),
+    so the larger of the two, a BF16 row with its metadata, sizes it.
+    """
+    row = normal_row_bytes(hidden, num_topk, fp8=False)
+    return CONTROL_BYTES + num_ranks * num_max_tokens_per_rank * row
+
+
+def low_latency_row_bytes(hidden: int) -> int:
+    """Bytes of one low-latency message: BF16 payload (FP8 + scales fits inside) and a header."""
+    return _align(16 + hidden * 2)
+
+
+def get_low_latency_rdma_size_hint(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Symmetric (NVSHMEM) bytes needed by low-latency mode, double-buffered.
+
+    Each of the two buffers holds a receive area of ``num_experts`` local-expert x
+    source-rank slots of ``num_max_dispatch_tokens_per_rank`` rows (dispatch and
+    combine reuse it in turn) plus per-expert counters.
+    """
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be a multiple of the rank count ({num_ranks})"
+        )
+    recv = num_experts * num_max_dispatch_tokens_per_rank * low_latency_row_bytes(hidden)
+    send = num_max_dispatch_tokens_per_rank * low_latency_row_bytes(hidden)
+    signals = _align(num_experts * 8 * 2, 128)
+    per_buffer = _align(recv + send + signals, 4096)
+    return 2 * per_buffer
+
+
+# Defaults per EP size, from the tuner's first runs; `mpiep tune` can override them.
+_DEFAULT_DISPATCH = {2: Config(24, 6, 256), 4: Config(24, 6, 256), 8: Config(24, 6, 256)}
+_DEFAULT_COMBINE = {2: Config(24, 10, 256), 4: Config(24, 9, 256), 8: Config(24, 4, 256)}
+
+
+def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
+    base = _DEFAULT_DISPATCH.get(num_ranks, Config(num_sms))
+    return Config(num_sms, *_chunks(base))
+
+
+def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+    base = _DEFAULT_COMBINE.get(num_ranks, Config(num_sms))
+    return Config(num_sms, *_chunks(base))
+
+
+def _chunks(c: Config) -> tuple[int, int, int, int]:
+    return (
+        c.num_max_nvl_chunked_send_tokens,
+        c.num_max_nvl_chunked_recv_tokens,
+        c.num_max_rdma_chunked_send_tokens,
+        c.num_max_rdma_chunked_recv_tokens,
+    )

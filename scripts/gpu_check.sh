@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the core, run the GPU tests under mpirun, run the
+# benchmark, and leave logs and JSON under $OUT.
+#
+#   scripts/gpu_check.sh [build] [test] [bench] [doctor]    (default: all four)
+#
+# Environment: MPIEP_NP ranks (default: number of GPUs, at least 2; with one GPU the
+# ranks share it through CUDA MPS), MPIEP_GPU_TESTS test paths (default tests/),
+# MPIEP_BENCH_ARGS extra `mpiep bench` arguments, MPIEP_TEST_TIMEOUT seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# NVLink multicast stays off on shared hosts, always.
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+steps=${*:-build test bench doctor}
+status=0
+
+note() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+# pytest-mpi (and pytest-timeout) travel as wheels in .whl/.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+NP=${MPIEP_NP:-$(( ngpu < 2 ? 2 : ngpu ))}
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$NP"
+  -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
+  -x PYTHONUNBUFFERED -x PYTHONPATH -x MPIEP_TIMEOUT_S -x MPIEP_ALLOW_GPU_SHARING
+  -x CUDA_MPS_PIPE_DIRECTORY -x CUDA_MPS_LOG_DIRECTORY)
+export MPIEP_TIMEOUT_S=${MPIEP_TIMEOUT_S:-60}
+
+if (( NP > ngpu )); then
+  # Several ranks on one GPU: MPS lets their kernels run side by side, so a kernel
+  # that waits on a peer's kernel is not starved by time slicing.
+  export MPIEP_ALLOW_GPU_SHARING=1
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d 2>>"$OUT/mps.log"; then
+    note "started CUDA MPS for $NP ranks on $ngpu GPU(s)"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    note "CUDA MPS did not start; $NP ranks time-slice $ngpu GPU(s)"
+  fi
+fi
+note "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs); ranks: $NP; commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+if [[ $steps == *build* ]]; then
+  note "build"
+  if ! MPIEP_BUILD_CORE=1 MPIEP_NVCC_THREADS=8 python3 -m pip install --no-build-isolation --no-deps \
+      -e . >"$OUT/build.log" 2>&1; then
+    note "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1
+  fi
+  python3 -c "import mpiep._C as c; print('core', c.version, 'devices', c.device_count())" 2>&1 | tee -a "$OUT/summary.txt"
+fi
+
+if [[ $steps == *test* ]]; then
+  note "GPU tests on $NP ranks"
+  timeout "${MPIEP_TEST_TIMEOUT:-420}" "${MPIRUN[@]}" python3 -m pytest --with-mpi -m gpu -x -q \
+    -p no:cacheprovider ${MPIEP_GPU_TESTS:-tests/} >"$OUT/gpu_tests.log" 2>&1
+  rc=$?; tail -25 "$OUT/gpu_tests.log"; note "GPU tests exit $rc"; (( rc )) && status=1
+fi
+
+if [[ $steps == *bench* ]]; then
+  note "benchmark on $NP ranks"
+  timeout "${MPIEP_BENCH_TIMEOUT:-300}" "${MPIRUN[@]}" python3 -m mpiep bench \
+    --json "$OUT/bench.json" ${MPIEP_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+  rc=$?; cat "$OUT/bench.log" | tail -60; note "bench exit $rc"; (( rc )) && status=1
+fi
+
+if [[ $steps == *doctor* ]]; then
+  python3 -m mpiep doctor >"$OUT/doctor.txt" 2>&1 || true
+fi
+exit $status
