@@ -62,6 +62,7 @@ class Buffer:
     """
 
     num_sms: int = 24
+    _num_sms_set: bool = False  # set_num_sms() wins over a tuned table (MPIEP_TUNED_CONFIG)
 
     def __init__(
         self,
@@ -143,14 +144,15 @@ class Buffer:
         if new_num_sms <= 0 or new_num_sms % 2:
             raise ValueError(f"num_sms must be a positive even number, got {new_num_sms}")
         Buffer.num_sms = new_num_sms
+        Buffer._num_sms_set = True
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return cfg.default_dispatch_config(num_ranks, Buffer.num_sms)
+        return cfg.default_dispatch_config(num_ranks, Buffer.num_sms, not Buffer._num_sms_set)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return cfg.default_combine_config(num_ranks, Buffer.num_sms)
+        return cfg.default_combine_config(num_ranks, Buffer.num_sms, not Buffer._num_sms_set)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(

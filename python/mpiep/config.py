@@ -8,6 +8,8 @@ of one dispatch; :func:`get_normal_buffer_size_hint` computes that size.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 # Bytes that every buffer reserves for counters, flags and the count matrices.
@@ -124,14 +126,26 @@ _DEFAULT_DISPATCH = {2: Config(24, 6, 256), 4: Config(24, 6, 256), 8: Config(24,
 _DEFAULT_COMBINE = {2: Config(24, 10, 256), 4: Config(24, 9, 256), 8: Config(24, 4, 256)}
 
 
-def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
+def _tuned_sms(num_ranks: int, kind: str) -> int | None:
+    """SM count that ``mpiep tune`` measured best, from the file MPIEP_TUNED_CONFIG names."""
+    path = os.environ.get("MPIEP_TUNED_CONFIG")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        entry = json.load(f).get(str(num_ranks), {}).get(kind)
+    return int(entry["num_sms"]) if entry else None
+
+
+def default_dispatch_config(num_ranks: int, num_sms: int, use_tuned: bool = True) -> Config:
     base = _DEFAULT_DISPATCH.get(num_ranks, Config(num_sms))
-    return Config(num_sms, *_chunks(base))
+    tuned = _tuned_sms(num_ranks, "dispatch") if use_tuned else None
+    return Config(tuned or num_sms, *_chunks(base))
 
 
-def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+def default_combine_config(num_ranks: int, num_sms: int, use_tuned: bool = True) -> Config:
     base = _DEFAULT_COMBINE.get(num_ranks, Config(num_sms))
-    return Config(num_sms, *_chunks(base))
+    tuned = _tuned_sms(num_ranks, "combine") if use_tuned else None
+    return Config(tuned or num_sms, *_chunks(base))
 
 
 def _chunks(c: Config) -> tuple[int, int, int, int]:

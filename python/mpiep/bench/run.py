@@ -1,0 +1,309 @@
+"""Benchmark cases: set up inputs, check results once, then time each call.
+
+Bytes are counted per receiving rank and reported as GB/s = bytes / time:
+- logical: every row a rank receives (its own rows included), as DeepEP counts;
+- nvlink: only rows that cross to another GPU (low-latency: only other ranks' pairs).
+A normal dispatch row is H x element size (+ H/128 x 4 scale bytes for FP8); a
+combine row is H x 2. Low-latency counts one row per (token, expert) pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from mpi4py import MPI
+
+from mpiep import Buffer, get_low_latency_rdma_size_hint, get_normal_buffer_size_hint
+from mpiep.bench import nccl
+from mpiep.bench.cases import Shape
+from mpiep.bench.data import make_routing, make_x, token_rows
+from mpiep.bench.timing import time_call
+from mpiep.fp8 import per_token_cast_to_fp8
+
+
+@dataclass
+class Row:
+    case: str
+    shape: Shape
+    time: dict[str, float]
+    logical_bytes: float  # mean over ranks
+    nvlink_bytes: float
+    check: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def gbps(self, which: str) -> float:
+        nbytes = self.logical_bytes if which == "logical" else self.nvlink_bytes
+        return nbytes / (self.time["median_us"] * 1e3) if self.time["median_us"] else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["logical_gbps"], d["nvlink_gbps"] = self.gbps("logical"), self.gbps("nvlink")
+        return d
+
+
+@dataclass
+class Settings:
+    warmup: int
+    iters: int
+    budget_s: float
+    nccl: bool
+    backend: str
+    num_sms: int | None
+
+
+def _mean(comm: MPI.Comm, value: float) -> float:
+    return comm.allreduce(float(value), op=MPI.SUM) / comm.size
+
+
+def _verdict(comm: MPI.Comm, problems: list[str]) -> str:
+    """'ok' when every rank found nothing wrong, else the first rank's first problem."""
+    found = comm.allgather(problems[0] if problems else None)
+    bad = [(r, p) for r, p in enumerate(found) if p]
+    return "ok" if not bad else f"FAIL rank {bad[0][0]}: {bad[0][1]}"
+
+
+def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
+    shape = shape.fit(comm.size)
+    if s.num_sms:
+        Buffer.set_num_sms(s.num_sms)
+    nvl = get_normal_buffer_size_hint(shape.tokens, shape.hidden, comm.size, shape.topk)
+    buf = Buffer(comm, num_nvl_bytes=nvl, backend=s.backend, validate=False)
+    dev, rank, R = buf.device, buf.rank, buf.group_size
+    x = make_x(rank, shape.tokens, shape.hidden, dev)
+    topk_idx, weights = make_routing(rank, shape.tokens, shape.experts, shape.topk, dev)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, shape.experts)
+    layout = dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=weights,
+    )
+    x_fp8 = per_token_cast_to_fp8(x)
+
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, **layout)
+    recv_fp8, *_ = buf.dispatch(x_fp8, **layout)
+    combined, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+
+    # Expected rows, regenerated from (source rank, source token) of each received row.
+    src_rank = torch.repeat_interleave(
+        torch.arange(R, device=dev), handle.num_recv_per_src.to(dev).long()
+    )
+    src_tok = handle.recv_src_idx.to(dev).long()
+    expect = token_rows(src_rank, src_tok, shape.hidden)
+    problems = []
+    order = src_rank * (shape.tokens + 1) + src_tok
+    if order.numel() > 1 and not bool((order[1:] > order[:-1]).all()):
+        problems.append("rows not ordered by (source rank, token)")
+    if not torch.equal(recv_x.view(torch.int16), expect.view(torch.int16)):
+        problems.append("BF16 dispatch rows differ from their source rows")
+    q, sc = per_token_cast_to_fp8(expect)
+    if not (
+        torch.equal(recv_fp8[0].view(torch.uint8), q.view(torch.uint8))
+        and torch.equal(recv_fp8[1], sc)
+    ):
+        problems.append("FP8 dispatch rows or scales differ from their source")
+    want = (x.float() * in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16)
+    if not torch.equal(combined.view(torch.int16), want.view(torch.int16)):
+        problems.append("combine sums differ from x * (number of ranks the token went to)")
+    check = _verdict(comm, problems)
+
+    n_recv = recv_x.shape[0]
+    n_self = int(handle.num_recv_per_src[rank])
+
+    def nbytes(row: float, rows: int) -> float:
+        return _mean(comm, row * rows)
+
+    bf16_row, fp8_row = shape.hidden * 2, shape.hidden + shape.hidden // 128 * 4
+    timings: list[tuple[str, Callable[[], object], float, float]] = [
+        ("dispatch bf16", lambda: buf.dispatch(x, **layout), bf16_row, bf16_row),
+        ("dispatch fp8", lambda: buf.dispatch(x_fp8, **layout), fp8_row, fp8_row),
+        (
+            "combine bf16",
+            lambda: buf.combine(recv_x, handle, topk_weights=recv_w),
+            bf16_row,
+            bf16_row,
+        ),
+    ]
+    rows = []
+    for name, fn, row_bytes, _ in timings:
+        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s)
+        rows.append(
+            Row(
+                f"normal {name}",
+                shape,
+                t,
+                nbytes(row_bytes, n_recv),
+                nbytes(row_bytes, n_recv - n_self),
+                check,
+                {"backend": buf.backend_name},
+            )
+        )
+    if s.nccl and dev.type == "cuda":
+        rows += _nccl_rows(comm, buf, shape, per_rank, handle.num_recv_per_src, bf16_row, s)
+    buf.destroy()
+    return rows
+
+
+def _nccl_rows(
+    comm: MPI.Comm,
+    buf: Buffer,
+    shape: Shape,
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    row_bytes: int,
+    s: Settings,
+) -> list[Row]:
+    why = nccl.init_nccl(comm, buf.device)
+    if why:
+        return [
+            Row(
+                "nccl all_to_all (unavailable)",
+                shape,
+                {"median_us": 0.0, "min_us": 0.0, "max_us": 0.0, "iters": 0},
+                0,
+                0,
+                why,
+            )
+        ]
+    send_rows, recv_rows = send.cpu().tolist(), recv.cpu().tolist()
+    fn = nccl.all_to_all_fn(send_rows, recv_rows, row_bytes, buf.device)
+    t = time_call(fn, comm, buf.device, s.warmup, s.iters, s.budget_s)
+    total = sum(recv_rows) * row_bytes
+    remote = total - recv_rows[buf.rank] * row_bytes
+    return [
+        Row(
+            "nccl all_to_all bf16 (dispatch bytes)",
+            shape,
+            t,
+            _mean(comm, total),
+            _mean(comm, remote),
+            "-",
+        )
+    ]
+
+
+def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
+    shape = shape.fit(comm.size)
+    R = comm.size
+    rdma = get_low_latency_rdma_size_hint(shape.tokens, shape.hidden, R, shape.experts)
+    buf = Buffer(
+        comm,
+        num_rdma_bytes=rdma,
+        low_latency_mode=True,
+        num_qps_per_rank=max(1, shape.experts // R),
+        backend=s.backend,
+        validate=False,
+    )
+    dev, rank = buf.device, buf.rank
+    T, H, E = shape.tokens, shape.hidden, shape.experts
+    x = make_x(rank, T, H, dev)
+    topk_idx, weights = make_routing(rank, T, E, shape.topk, dev)
+
+    def dispatch(fp8: bool):
+        return buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=fp8)
+
+    (q, scales), count_fp8, handle_fp8, _, _ = dispatch(True)
+    recv_bf16, count, handle, _, _ = dispatch(False)
+    combined, _, _ = buf.low_latency_combine(recv_bf16, topk_idx, weights, handle)
+
+    problems = []
+    e_local = E // R
+    for e in range(e_local):
+        n = int(count[e])
+        if n != int(count_fp8[e]):
+            problems.append(f"expert {e}: FP8 and BF16 dispatch counts differ")
+            break
+        src_rank = torch.repeat_interleave(
+            torch.arange(R, device=dev), handle.layout_range[e, :, 1].long()
+        )
+        expect = token_rows(src_rank, handle.src_token_idx[e, :n].long(), H)
+        if not torch.equal(recv_bf16[e, :n].view(torch.int16), expect.view(torch.int16)):
+            problems.append(f"expert {e}: BF16 rows differ from their source rows")
+            break
+        src_rank8 = torch.repeat_interleave(
+            torch.arange(R, device=dev), handle_fp8.layout_range[e, :, 1].long()
+        )
+        q_want, s_want = per_token_cast_to_fp8(
+            token_rows(src_rank8, handle_fp8.src_token_idx[e, :n].long(), H)
+        )
+        if not (
+            torch.equal(q[e, :n].view(torch.uint8), q_want.view(torch.uint8))
+            and torch.equal(scales[e, :n], s_want)
+        ):
+            problems.append(f"expert {e}: FP8 rows or scales differ from their source")
+            break
+    want = x.float() * torch.where(topk_idx >= 0, weights, 0).sum(1, keepdim=True)
+    err = (combined.float() - want).abs().max().item() if T else 0.0
+    if err > 0.02 * max(1.0, want.abs().max().item() if T else 1.0):
+        problems.append(f"combine differs from sum_k w*x by {err:.3g}")
+    check = _verdict(comm, problems)
+
+    pairs = int(count.sum())
+    pairs_self = int(sum(int(handle.layout_range[e, rank, 1]) for e in range(e_local)))
+    fp8_row, bf16_row = H + H // 128 * 4, H * 2
+    rows = []
+    for name, fn, row_bytes in (
+        ("dispatch fp8", lambda: dispatch(True), fp8_row),
+        ("dispatch bf16", lambda: dispatch(False), bf16_row),
+        (
+            "combine bf16",
+            lambda: buf.low_latency_combine(recv_bf16, topk_idx, weights, handle),
+            bf16_row,
+        ),
+    ):
+        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s)
+        rows.append(
+            Row(
+                f"low-latency {name}",
+                shape,
+                t,
+                _mean(comm, pairs * row_bytes),
+                _mean(comm, (pairs - pairs_self) * row_bytes),
+                check,
+                {"backend": buf.backend_name},
+            )
+        )
+    if dev.type == "cuda":
+        rows += _hook_rows(comm, buf, shape, x, topk_idx, s)
+    buf.destroy()
+    return rows
+
+
+def _hook_rows(
+    comm: MPI.Comm, buf: Buffer, shape: Shape, x: torch.Tensor, topk_idx: torch.Tensor, s: Settings
+) -> list[Row]:
+    """With receive hooks: the time of the send phase alone (what the SMs are busy for)."""
+    T, E = shape.tokens, shape.experts
+    pending = []
+
+    def send_only() -> None:
+        *_, hook = buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=True, return_recv_hook=True)
+        pending.append(hook)
+
+    t = time_call(send_only, comm, buf.device, 0, 1, 0)  # warm the path
+    for hook in pending:
+        hook()
+    pending.clear()
+    samples = []
+    for _ in range(max(2, min(s.iters, 20))):
+        t = time_call(send_only, comm, buf.device, 0, 1, 0)
+        samples.append(t["median_us"])
+        for hook in pending:
+            hook()
+        pending.clear()
+    samples.sort()
+    t = {
+        "median_us": samples[len(samples) // 2],
+        "min_us": samples[0],
+        "max_us": samples[-1],
+        "iters": len(samples),
+    }
+    return [Row("low-latency dispatch fp8, send phase (hook)", shape, t, 0, 0, "-")]
+
+
+def rows_json(rows: list[Row]) -> list[dict[str, object]]:
+    return [r.to_json() for r in rows]
