@@ -76,9 +76,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _shapes(args: argparse.Namespace, on_gpu: bool) -> list[Shape]:
-    name = "quick" if args.quick else args.shapes or ("standard" if on_gpu else "small")
-    base = {"standard": STANDARD, "small": SMALL, "quick": QUICK}[name]
+def _shapes(args: argparse.Namespace) -> list[Shape]:
+    name = "quick" if args.quick else args.shapes
+    base = {"standard": STANDARD, "small": SMALL, "quick": QUICK, "all": STANDARD + SMALL}[name]
     shapes = []
     for s in base:
         if args.mode != "all" and s.mode != args.mode:
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         num_sms=args.num_sms,
     )
-    shapes = _shapes(args, on_gpu)
+    shapes = _shapes(args)
     rows = []
     started = time.perf_counter()
     for i, shape in enumerate(shapes):
