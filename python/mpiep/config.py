@@ -17,6 +17,8 @@ CONTROL_BYTES = 1 << 20
 # Rows are padded to this many bytes so that 16-byte vector copies stay aligned.
 ROW_ALIGN = 16
 FP8_BLOCK = 128  # channels per FP8 scale
+# Per half of the low-latency buffer: counters and flags (kSignalBytes in low_latency.h).
+LOW_LATENCY_SIGNAL_BYTES = 1 << 20
 
 
 def _align(n: int, a: int = ROW_ALIGN) -> int:
@@ -106,19 +108,25 @@ def get_low_latency_rdma_size_hint(
 ) -> int:
     """Symmetric (NVSHMEM) bytes needed by low-latency mode, double-buffered.
 
-    Each of the two buffers holds a receive area of ``num_experts`` local-expert x
-    source-rank slots of ``num_max_dispatch_tokens_per_rank`` rows (dispatch and
-    combine reuse it in turn) plus per-expert counters.
+    Mirrors ``half_bytes_needed`` in include/mpiep/low_latency.h. Each of the two halves
+    holds a fixed 1 MiB signal area, the staged send messages (``max`` rows), the dispatch
+    receive slots (``num_experts * max`` rows), and the combine send and receive areas
+    (``num_experts * max`` BF16 rows each). Dispatch and combine do not share memory, so a
+    combine can never overwrite dispatch data that a late receive hook still reads.
     """
     if num_experts % num_ranks:
         raise ValueError(
             f"num_experts ({num_experts}) must be a multiple of the rank count ({num_ranks})"
         )
-    recv = num_experts * num_max_dispatch_tokens_per_rank * low_latency_row_bytes(hidden)
-    send = num_max_dispatch_tokens_per_rank * low_latency_row_bytes(hidden)
-    signals = _align(num_experts * 8 * 2, 128)
-    per_buffer = _align(recv + send + signals, 4096)
-    return 2 * per_buffer
+    m, e = num_max_dispatch_tokens_per_rank, num_experts
+    row = low_latency_row_bytes(hidden)
+    per_buffer = (
+        LOW_LATENCY_SIGNAL_BYTES
+        + _align(m * row, 128)
+        + _align(e * m * row, 128)
+        + 2 * _align(e * m * hidden * 2, 128)
+    )
+    return 2 * _align(per_buffer, 4096)
 
 
 # Defaults per EP size, from the tuner's first runs; `mpiep tune` can override them.

@@ -1,0 +1,135 @@
+// Device helpers shared by the low-latency kernels: system-scope signalling, per-peer transport
+// choice (NVLink stores when the peer's heap is mapped, NVSHMEM puts otherwise), warp copies and
+// spin-waits that give up after a clock64 timeout instead of hanging.
+#pragma once
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdint>
+
+#include "mpiep/low_latency.h"
+
+namespace mpiep {
+namespace ll {
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+// Release: every write that happened before (this thread's, and its warp's through __syncwarp)
+// is visible to whoever acquires the counter value.
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Address of `local` (inside our heap) in PE `pe`'s heap as mapped here, or null.
+template <class T>
+__device__ __forceinline__ T* peer_ptr(const Common& c, T* local, int pe) {
+  uint8_t* base = c.peer_bases[pe];
+  if (base == nullptr) return nullptr;
+  return reinterpret_cast<T*>(base + (reinterpret_cast<uint8_t*>(local) - c.heap));
+}
+
+enum LoadKind { kPlain, kL2, kReadOnly };
+
+template <LoadKind kind>
+__device__ __forceinline__ int4 load16(const int4* p) {
+  if constexpr (kind == kL2) return __ldcg(p);  // written by peers: bypass L1
+  else if constexpr (kind == kReadOnly) return __ldg(p);
+  else return *p;
+}
+
+// The warp copies `bytes` (a multiple of 16) with four 16-byte loads in flight per lane.
+template <LoadKind kind>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
+  int4* d = reinterpret_cast<int4*>(dst);
+  const int4* s = reinterpret_cast<const int4*>(src);
+  const int n = bytes / 16;
+  int i = lane;
+  for (; i + 96 < n; i += 128) {
+    int4 a = load16<kind>(s + i), b = load16<kind>(s + i + 32);
+    int4 e = load16<kind>(s + i + 64), f = load16<kind>(s + i + 96);
+    d[i] = a;
+    d[i + 32] = b;
+    d[i + 64] = e;
+    d[i + 96] = f;
+  }
+  for (; i < n; i += 32) d[i] = load16<kind>(s + i);
+}
+
+// Signal SET on `pe` (count messages; ordering against data is not needed, see dispatch).
+__device__ __forceinline__ void signal_set(const Common& c, uint64_t* sig, uint64_t v, int pe) {
+  if (uint64_t* p = peer_ptr(c, sig, pe)) {
+    st_release_sys(p, v);
+  } else {
+    nvshmemx_signal_op(sig, v, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+// The warp sends `bytes` from local `src` to `dst` (our heap address; the same offset on pe),
+// then adds 1 to `arrival` on pe, ordered after the data. For NVSHMEM puts `src` must be
+// symmetric (IBGDA registers only the heap).
+template <LoadKind kind>
+__device__ __forceinline__ void warp_send(const Common& c, void* dst, const void* src, int bytes,
+                                          uint64_t* arrival, int pe, int lane) {
+  if (void* p = peer_ptr(c, dst, pe)) {
+    warp_copy<kind>(p, src, bytes, lane);
+    __syncwarp();
+    if (lane == 0) red_add_release_sys(peer_ptr(c, arrival, pe), 1);
+    __syncwarp();
+  } else {
+    nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, arrival, 1, NVSHMEM_SIGNAL_ADD, pe);
+  }
+}
+
+// Records the first timeout (one writer, elected through a device word) in host-mapped memory.
+__device__ __forceinline__ void report_timeout(const Common& c, int phase, int peer, int index,
+                                               uint64_t observed, uint64_t expected) {
+  if (atomicCAS(c.err_lock, 0, 1) != 0) return;
+  c.err->rank = c.rank;
+  c.err->phase = phase;
+  c.err->peer = peer;
+  c.err->index = index;
+  c.err->observed = static_cast<long long>(observed);
+  c.err->expected = static_cast<long long>(expected);
+  __threadfence_system();
+  c.err->flag = 1;
+  __threadfence_system();
+}
+
+// Spins until *p != 0 (want_nonzero) or *p == expected. Returns the last value; *failed is set
+// when it gave up (its own timeout, or another wait already timed out: then all bail out fast).
+__device__ __forceinline__ uint64_t spin_wait(const Common& c, const uint64_t* p, bool want_nonzero,
+                                              uint64_t expected, int phase, int peer, int index,
+                                              bool* failed) {
+  const long long start = clock64();
+  for (unsigned iter = 0;; ++iter) {
+    uint64_t v = ld_acquire_sys(p);
+    if (want_nonzero ? v != 0 : v == expected) return v;
+    if ((iter & 63) == 0) {
+      if (*reinterpret_cast<volatile int*>(c.err_lock) != 0) {
+        *failed = true;
+        return v;
+      }
+      if (clock64() - start > c.timeout_cycles) {
+        report_timeout(c, phase, peer, index, v, want_nonzero ? 1 : expected);
+        *failed = true;
+        return v;
+      }
+    }
+  }
+}
+
+}  // namespace ll
+}  // namespace mpiep

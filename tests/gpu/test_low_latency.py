@@ -1,0 +1,462 @@
+"""GPU low-latency mode (NVSHMEM) against the plain-numpy oracle (tests/oracle.py).
+
+Run on the device under mpirun (scripts/gpu_check.sh): 2, 4 or 8 ranks; several ranks may
+share one GPU through CUDA MPS. ``MPIEP_NP=1`` runs the same cases on one rank (it owns all
+experts: every kernel path still runs, through the local store). Every check agrees on
+pass/fail across ranks before asserting, so a failure on one rank never strands the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+MPI = pytest.importorskip("mpi4py.MPI")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import oracle  # noqa: E402
+
+try:
+    from mpiep import _C  # type: ignore[attr-defined]
+
+    HAVE_CORE = hasattr(_C, "LowLatencyContext")
+except ImportError:
+    HAVE_CORE = False
+
+MIN_RANKS = 1 if os.environ.get("MPIEP_NP") == "1" else 2
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.mpi(min_size=MIN_RANKS),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without low-latency kernels"),
+]
+
+MAX_TOKENS = 128
+BENCH_EXPERTS = 288  # the speed bar's configuration sizes the shared engine
+
+
+# --------------------------------------------------------------------------- helpers
+def world():
+    return MPI.COMM_WORLD
+
+
+def agree(ok: bool, msg: str) -> None:
+    """Assert on every rank that every rank passed; failures carry every rank's message."""
+    results = world().allgather((bool(ok), msg))
+    bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
+    assert not bad, "; ".join(bad)
+
+
+def run_checked(fn) -> None:
+    try:
+        fn()
+        ok, msg = True, ""
+    except Exception as exc:  # reported collectively below
+        ok, msg = False, f"{type(exc).__name__}: {exc}"
+    agree(ok, msg)
+
+
+def to_torch_bf16(bits: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).to(device)
+
+
+def make_inputs(seed: int, T: int, H: int, K: int, E: int, pattern: str = "holes"):
+    """This rank's (x bits, x float32, topk_idx, topk_weights), and every rank's."""
+    comm = world()
+    rng = np.random.default_rng(seed * 7919 + comm.rank)
+    idx, w = oracle.make_routing(rng, T, K, E, comm.size, comm.rank, pattern)
+    T = idx.shape[0]
+    x = rng.standard_normal((T, H)).astype(np.float32) * rng.uniform(0.01, 10, (T, 1)).astype(np.float32)
+    if T:
+        x[0, :128] *= 1e-6  # a block under the 1e-4 amax clamp
+    bits = oracle.f32_to_bf16(x)
+    xf = oracle.bf16_to_f32(bits).reshape(T, H)
+    everyone = comm.allgather((bits, idx, w))
+    return bits, xf, idx, w, everyone
+
+
+def expert_factor(E: int) -> np.ndarray:
+    return (1.0 + 0.01 * np.arange(E)).astype(np.float32)
+
+
+_FACTORS: dict = {}
+
+
+def fake_experts(recv_x: torch.Tensor, E: int) -> torch.Tensor:
+    """y[e_local, row] = bf16(x_row * f[global expert]): different per expert, exact in numpy."""
+    comm = world()
+    el = recv_x.shape[0]
+    key = (E, str(recv_x.device))
+    if key not in _FACTORS:  # made once, outside any CUDA graph capture (no host copies there)
+        _FACTORS[key] = torch.from_numpy(expert_factor(E)[comm.rank * el : (comm.rank + 1) * el]).to(recv_x.device)
+    f = _FACTORS[key]
+    return (recv_x.float() * f[:, None, None]).to(torch.bfloat16)
+
+
+def check_dispatch(res, everyone, H, E, M, fp8, round_scale, ue8m0, stats_before=None, stats=None):
+    comm = world()
+    R, rank = comm.size, comm.rank
+    EL = E // R
+    exp = oracle.low_latency_dispatch([e[1] for e in everyone], E, rank)
+    count = res.recv_count.cpu().numpy()
+    assert np.array_equal(count, exp.recv_count), f"recv_count {count} != {exp.recv_count}"
+    lr = res.handle.layout_range.cpu().numpy()
+    assert np.array_equal(lr, exp.layout_range()), "layout_range differs"
+    src = res.handle.src_token_idx.cpu().numpy()
+    if fp8:
+        rx = res.recv_x.view(torch.uint8).cpu().numpy()
+        sc = res.recv_x_scales.cpu().numpy()
+    else:
+        rx = res.recv_x.view(torch.int16).cpu().numpy().view(np.uint16)
+    for j in range(EL):
+        assert np.all(src[j, count[j] :] == -1), f"expert {j}: src_token_idx not -1 past the count"
+        for s in range(R):
+            start, n = lr[j, s]
+            tok = src[j, start : start + n].astype(np.int64)
+            order = np.argsort(tok, kind="stable")
+            assert np.array_equal(tok[order], exp.groups[j][s]), f"expert {j} source {s}: token ids"
+            if n == 0:
+                continue
+            rows = start + order
+            sbits = everyone[s][0]
+            if not fp8:
+                assert np.array_equal(rx[j, rows], sbits[exp.groups[j][s]]), f"expert {j} src {s}: rows"
+            else:
+                xs = oracle.bf16_to_f32(sbits[exp.groups[j][s]]).reshape(n, H)
+                q, scale = oracle.per_token_cast_to_fp8(xs, round_scale, ue8m0)
+                got_q = rx[j, rows]
+                assert np.array_equal(sc[j, rows], scale), f"expert {j} src {s}: scales differ"
+                assert np.array_equal(got_q, q), (
+                    f"expert {j} src {s}: fp8 bytes differ at {np.argwhere(got_q != q)[:4].tolist()}"
+                )
+    if stats is not None:
+        got = stats.cpu().numpy() - stats_before
+        assert np.array_equal(got, exp.recv_count), "cumulative_local_expert_recv_stats"
+
+
+def expected_combine(idx, w, xf, E) -> np.ndarray:
+    f = expert_factor(E)
+    T, K = idx.shape
+    rows = np.zeros((T, K, xf.shape[1]), np.float32)
+    for k in range(K):
+        e = idx[:, k]
+        prod = xf * f[np.maximum(e, 0)][:, None]
+        rows[:, k] = oracle.bf16_to_f32(oracle.f32_to_bf16(prod)).reshape(prod.shape)
+    return oracle.low_latency_combine(idx, w, rows)
+
+
+def check_combine(out: torch.Tensor, idx, w, xf, E) -> None:
+    ref = expected_combine(idx, w, xf, E)
+    got = out.float().cpu().numpy()
+    assert got.shape == ref.shape, f"combine shape {got.shape} != {ref.shape}"
+    if ref.size == 0:
+        return
+    err = np.abs(got - ref).max()
+    tol = 8e-3 * max(1.0, float(np.abs(ref).max()))
+    assert err <= tol, f"combine max error {err} > {tol}"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def engine():
+    from mpiep.backends.cuda_low_latency import LowLatencyEngine
+    from mpiep.comm import Communicator
+    from mpiep.config import get_low_latency_rdma_size_hint
+
+    comm = Communicator()
+    device = torch.device("cuda", comm.select_device(torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    heap = get_low_latency_rdma_size_hint(MAX_TOKENS, 7168, comm.size, BENCH_EXPERTS)
+    eng = LowLatencyEngine(comm, device, heap, num_qps_per_rank=12, allow_nvlink=True, timeout_s=30.0)
+    yield eng
+    eng.destroy()
+
+
+def experts_for(R: int) -> int:
+    return 8 * R if R > 1 else 16
+
+
+def run_case(eng, seed, T, H, K, fp8=False, round_scale=False, ue8m0=False, pattern="holes",
+             hooks=False, combine=True):
+    R = world().size
+    E = experts_for(R)
+    bits, xf, idx, w, everyone = make_inputs(seed, T, H, K, E, pattern)
+    dev = eng.device
+    x = to_torch_bf16(bits, dev).reshape(idx.shape[0], H)
+    topk = torch.from_numpy(idx).to(dev)
+    weights = torch.from_numpy(w).to(dev)
+    stats = torch.randint(0, 5, (E // R,), dtype=torch.int32, device=dev)
+    before = stats.cpu().numpy()
+    res = eng.low_latency_dispatch(x, topk, MAX_TOKENS, E, fp8, round_scale, ue8m0, stats, hooks)
+    if hooks:
+        assert res.hook is not None
+        res.hook()
+    torch.cuda.synchronize()
+    eng.check()
+    check_dispatch(res, everyone, H, E, MAX_TOKENS, fp8, round_scale, ue8m0, before, stats)
+    if not combine or fp8:
+        return
+    y = fake_experts(res.recv_x, E)
+    out, hook = eng.low_latency_combine(y, topk, weights, res.handle, False, None, hooks)
+    if hooks:
+        hook()
+    torch.cuda.synchronize()
+    eng.check()
+    check_combine(out, idx, w, xf, E)
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("hidden", [2048, 4096, 7168])
+@pytest.mark.parametrize("topk", [1, 4, 8])
+def test_bf16_dispatch_combine(engine, hidden, topk):
+    run_checked(lambda: run_case(engine, hidden + topk, 96, hidden, topk))
+
+
+@pytest.mark.parametrize("hidden", [2048, 7168])
+@pytest.mark.parametrize("scales", ["plain", "round", "ue8m0"])
+def test_fp8_dispatch(engine, hidden, scales):
+    rs, ue = scales != "plain", scales == "ue8m0"
+    run_checked(lambda: run_case(engine, hidden + len(scales), 64, hidden, 8, True, rs, ue))
+
+
+@pytest.mark.parametrize("case", ["t_max", "t_one", "zero_tokens", "skewed", "all_masked"])
+def test_edge_cases(engine, case):
+    T = {"t_max": MAX_TOKENS, "t_one": 1}.get(case, 40)
+    pattern = case if case in ("zero_tokens", "skewed", "all_masked") else "random"
+    run_checked(lambda: run_case(engine, 11, T, 4096, 4, pattern=pattern))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_hooks(engine, fp8):
+    run_checked(lambda: run_case(engine, 23, 77, 7168, 8, fp8=fp8, hooks=True))
+
+
+def test_two_pairs_in_flight(engine):
+    def body():
+        R = world().size
+        E, H, K = experts_for(R), 4096, 6
+        dev = engine.device
+        cases = []
+        for seed in (31, 32):
+            bits, xf, idx, w, everyone = make_inputs(seed, 50 + seed, H, K, E)
+            cases.append((to_torch_bf16(bits, dev).reshape(-1, H), torch.from_numpy(idx).to(dev),
+                          torch.from_numpy(w).to(dev), xf, idx, w, everyone))
+        ds = [engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, False, False, False, None, True)
+              for c in cases]
+        for d in ds:
+            d.hook()
+        torch.cuda.synchronize()
+        engine.check()
+        for d, c in zip(ds, cases, strict=True):
+            check_dispatch(d, c[6], H, E, MAX_TOKENS, False, False, False)
+        outs = [engine.low_latency_combine(fake_experts(d.recv_x, E), c[1], c[2], d.handle, False, None, True)
+                for d, c in zip(ds, cases, strict=True)]
+        for _, hook in outs:
+            hook()
+        torch.cuda.synchronize()
+        engine.check()
+        for (out, _), c in zip(outs, cases, strict=True):
+            check_combine(out, c[4], c[5], c[3], E)
+
+    run_checked(body)
+
+
+def test_zero_copy_and_out(engine):
+    def body():
+        R = world().size
+        E, H, K = experts_for(R), 2048, 4
+        bits, xf, idx, w, everyone = make_inputs(41, 100, H, K, E)
+        dev = engine.device
+        x, topk, weights = to_torch_bf16(bits, dev).reshape(-1, H), torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+        d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
+        buf = engine.get_next_low_latency_combine_buffer(d.handle)
+        assert buf.shape == (E // R, R * MAX_TOKENS, H) and buf.dtype == torch.bfloat16
+        buf.copy_(fake_experts(d.recv_x, E))
+        out = torch.full((x.shape[0], H), float("nan"), dtype=torch.bfloat16, device=dev)
+        got, _ = engine.low_latency_combine(buf, topk, weights, d.handle, True, out, False)
+        torch.cuda.synchronize()
+        engine.check()
+        assert got.data_ptr() == out.data_ptr()
+        check_combine(out, idx, w, xf, E)
+
+    run_checked(body)
+
+
+def test_cuda_graph_replay(engine):
+    def body():
+        R = world().size
+        E, H, K, T = experts_for(R), 4096, 8, 64
+        dev = engine.device
+        bits, xf, idx, w, everyone = make_inputs(51, T, H, K, E, "random")
+        x_s = to_torch_bf16(bits, dev).reshape(T, H)
+        topk_s, w_s = torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+
+        def step():
+            d = engine.low_latency_dispatch(x_s, topk_s, MAX_TOKENS, E, False, False, False, None, False)
+            out, _ = engine.low_latency_combine(fake_experts(d.recv_x, E), topk_s, w_s, d.handle, False, None, False)
+            return d, out
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        world().Barrier()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            d, out = step()
+        for rep in range(3):
+            bits, xf, idx, w, everyone = make_inputs(60 + rep, T, H, K, E, "holes")
+            x_s.copy_(to_torch_bf16(bits, dev).reshape(T, H))
+            topk_s.copy_(torch.from_numpy(idx).to(dev))
+            w_s.copy_(torch.from_numpy(w).to(dev))
+            torch.cuda.synchronize()
+            world().Barrier()
+            graph.replay()
+            torch.cuda.synchronize()
+            engine.check()
+            check_dispatch(d, everyone, H, E, MAX_TOKENS, False, False, False)
+            check_combine(out, idx, w, xf, E)
+        del graph
+
+    run_checked(body)
+
+
+def test_thousand_iterations_identical(engine):
+    def body():
+        R = world().size
+        E, H, K, T = experts_for(R), 2048, 8, 128
+        dev = engine.device
+        bits, xf, idx, w, everyone = make_inputs(71, T, H, K, E, "holes")
+        x, topk, weights = to_torch_bf16(bits, dev).reshape(T, H), torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+        d0 = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, True, True, False, None, False)
+        y = fake_experts(d0.recv_x.float().to(torch.bfloat16), E)
+        out0, _ = engine.low_latency_combine(y, topk, weights, d0.handle, False, None, False)
+        valid = d0.handle.src_token_idx >= 0
+        bad = torch.zeros((), dtype=torch.int64, device=dev)
+        for _ in range(1000):
+            d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, True, True, False, None, False)
+            out, _ = engine.low_latency_combine(y, topk, weights, d.handle, False, None, False)
+            bad += (out.view(torch.int16) != out0.view(torch.int16)).sum()
+            bad += (d.handle.src_token_idx != d0.handle.src_token_idx).sum()
+            # Rows past recv_count are unspecified: mask them without a host sync.
+            bad += ((d.recv_x.view(torch.uint8) != d0.recv_x.view(torch.uint8)) & valid[..., None]).sum()
+            bad += ((d.recv_x_scales != d0.recv_x_scales) & valid[..., None]).sum()
+        torch.cuda.synchronize()
+        engine.check()
+        assert int(bad) == 0, f"{int(bad)} elements changed across 1000 iterations"
+
+    run_checked(body)
+
+
+def test_puts_without_nvlink(engine):
+    """allow_nvlink_for_low_latency_mode=False: every transfer goes through NVSHMEM puts."""
+    from mpiep.backends.cuda_low_latency import LowLatencyEngine
+    from mpiep.config import get_low_latency_rdma_size_hint
+
+    comm = engine.comm
+    heap = get_low_latency_rdma_size_hint(MAX_TOKENS, 2048, comm.size, experts_for(comm.size))
+    eng = LowLatencyEngine(comm, engine.device, heap, 12, False, 30.0)
+    try:
+        run_checked(lambda: run_case(eng, 81, 90, 2048, 8))
+        run_checked(lambda: run_case(eng, 82, 90, 2048, 8, fp8=True, ue8m0=True, hooks=True))
+    finally:
+        eng.destroy()
+
+
+def test_timeout_names_rank_and_phase(engine):
+    """Rank 0 dispatches alone: its kernel gives up, and the error names rank and phase."""
+    from mpiep.errors import PeerTimeoutError
+
+    comm = world()
+    if comm.size < 2:
+        pytest.skip("needs a peer that stays away")
+    R, E, H = comm.size, experts_for(comm.size), 2048
+    msg = ""
+    ok = True
+    old = engine.timeout_s
+    if comm.rank == 0:
+        engine.timeout_s = 2.0
+        x = torch.randn(8, H, device=engine.device).to(torch.bfloat16)
+        topk = torch.arange(8, device=engine.device).remainder(E).view(8, 1)  # includes rank 1's experts
+        topk = (topk + E // R).remainder(E)
+        engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
+        torch.cuda.synchronize()
+        try:
+            engine.check()
+            ok, msg = False, "no timeout reported"
+        except PeerTimeoutError as exc:
+            ok = "rank 0" in str(exc) and "dispatch" in str(exc)
+            msg = str(exc)
+        engine.timeout_s = old
+    comm.Barrier()
+    engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
+    agree(ok, msg)
+    run_checked(lambda: run_case(engine, 91, 32, H, 4))  # usable again after cleaning
+
+
+def test_speed(engine):
+    """The speed bar's shape: 128 tokens, hidden 7168, top-8 of 288, FP8 dispatch, BF16 combine.
+    Timings go to $OUT/ll_bench_rank<r>.json (not asserted: ranks may share one GPU here)."""
+
+    def body():
+        comm = world()
+        E, H, K, T = BENCH_EXPERTS, 7168, 8, MAX_TOKENS
+        dev = engine.device
+        rng = np.random.default_rng(100 + comm.rank)
+        idx, w = oracle.make_routing(rng, T, K, E, comm.size, comm.rank, "random")
+        x = torch.randn(T, H, device=dev).to(torch.bfloat16)
+        topk, weights = torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+        d = engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)
+        y = torch.randn(d.recv_x.shape, device=dev).to(torch.bfloat16)
+        out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+
+        def timed(fn, after=None, iters=30):
+            """GPU time of each op, from events around it in a stream that a sleep kernel holds
+            back until every launch is queued (so host launch overhead is not measured)."""
+            comm.Barrier()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(2e6 + iters * 2e5))
+            marks = []
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                r = fn()
+                b.record()
+                if after is not None:
+                    after(r)
+                marks.append((a, b))
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) * 1000 for a, b in marks[5:]]
+            return float(np.median(times)), float(np.min(times))
+
+        res = {
+            "rank": comm.rank,
+            "ranks": comm.size,
+            "device": torch.cuda.get_device_name(dev),
+            "gpus": torch.cuda.device_count(),
+            "nvlink_peers": engine.nvlink_peers,
+            "dispatch_fp8_us": timed(lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)),
+            "dispatch_bf16_us": timed(lambda: engine.low_latency_dispatch(x, topk, T, E, False, False, False, None, False)),
+            "combine_bf16_us": timed(lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, False)),
+            "dispatch_send_hook_us": timed(
+                lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, True),
+                after=lambda r: r.hook()),
+            "combine_send_hook_us": timed(
+                lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, True),
+                after=lambda r: r[1]()),
+        }
+        engine.check()
+        out_dir = Path(os.environ.get("OUT", "."))
+        (out_dir / f"ll_bench_rank{comm.rank}.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res), flush=True)
+
+    run_checked(body)
