@@ -33,4 +33,4 @@ if command -v nvcc >/dev/null || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]
   say "nvcc found: building the CUDA core too (a few minutes on 2 cores)"
 fi
 pip_install --no-build-isolation --no-deps -e .
-$PY -c "import mpiep, mpi4py; print('[mpiep setup] mpiep', mpiep.__version__, 'with', mpi4py.MPI.Get_library_version().splitlines()[0])"
+$PY -c "import mpiep; from mpi4py import MPI; print('[mpiep setup] mpiep', mpiep.__version__, 'with', MPI.Get_library_version().splitlines()[0])"
