@@ -68,7 +68,8 @@ def init_nvshmem(
         if core.nvshmem_my_pe() != comm.rank or core.nvshmem_n_pes() != comm.size:
             raise RuntimeError(
                 f"NVSHMEM already runs as PE {core.nvshmem_my_pe()} of {core.nvshmem_n_pes()} in "
-                f"this process; a low-latency Buffer on rank {comm.rank} of {comm.size} cannot reuse it"
+                f"this process; a low-latency Buffer on rank {comm.rank} of {comm.size} "
+                "cannot reuse it"
             )
         return
     configure_nvshmem_env(num_qps_per_rank)
@@ -177,9 +178,9 @@ class LowLatencyEngine:
         where = "local expert" if phase in (1, 2) else "token"
         raise PeerTimeoutError(
             f"rank {rank}/{self.comm.size}: low-latency {op} timed out after {self.timeout_s:g}s "
-            f"waiting for {what} from {src} ({where} {index}: saw {observed}, expected {expected}); "
-            "a peer crashed, hangs or skipped the call. Call clean_low_latency_buffer on every rank "
-            "to recover"
+            f"waiting for {what} from {src} ({where} {index}: saw {observed}, "
+            f"expected {expected}); a peer crashed, hangs or skipped the call. "
+            "Call clean_low_latency_buffer on every rank to recover"
         )
 
     # -- dispatch ------------------------------------------------------------------
@@ -280,7 +281,8 @@ class LowLatencyEngine:
             self.ctx.combine(
                 x.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(),
                 src_idx.data_ptr(), layout.data_ptr(), out.data_ptr(),
-                T, K, H, M, E, zc, buffer, phases, torch.cuda.current_stream(self.device).cuda_stream,
+                T, K, H, M, E, zc, buffer, phases,
+                torch.cuda.current_stream(self.device).cuda_stream,
             )  # fmt: skip
 
         hook: Callable[[], None] | None = None
