@@ -1,0 +1,471 @@
+"""GPU normal mode inside a node (CUDA IPC kernels) against the semantics contract.
+
+Run under mpirun on 2, 4 or 8 ranks (scripts/gpu_check.sh; ranks may share one GPU through
+CUDA MPS). Every case draws fresh random inputs and requires: the layout equal to
+``mpiep.backends.layout.compute_layout``; BF16/FP8 dispatch bit-exact against the contract
+recomputed here from every rank's gathered inputs (by source rank, then source token); combine
+within fp32-summation tolerance of the sum recomputed at the source (each rank's "expert"
+output is bf16((rank + 1) * x), reproducible there). The ReferenceBackend is not called: its
+MPI exchange would put the ranks out of step whenever one check fails (and, on 2026-11-24,
+it raised on ranks receiving no rows). Pass/fail is agreed across ranks before asserting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+MPI = pytest.importorskip("mpi4py.MPI")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import oracle  # noqa: E402
+
+try:
+    from mpiep import _C  # type: ignore[attr-defined]
+
+    HAVE_CORE = hasattr(_C, "IntranodeRuntime")
+except ImportError:
+    HAVE_CORE = False
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.mpi(min_size=2),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the intranode kernels"),
+    pytest.mark.timeout(300),
+]
+
+NUM_EXPERTS = 64
+NVL_BYTES = 256 << 20
+ENGINE_TIMEOUT_S = 15.0  # a hung kernel reports within this, naming rank and phase
+
+
+# --------------------------------------------------------------------------- helpers
+def world():
+    return MPI.COMM_WORLD
+
+
+def agree(ok: bool, msg: str) -> None:
+    """Assert on every rank that every rank passed; failures carry every rank's message."""
+    results = world().allgather((bool(ok), msg))
+    bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
+    assert not bad, "; ".join(bad)
+
+
+def run_checked(fn) -> None:
+    try:
+        fn()
+        ok, msg = True, ""
+    except Exception as exc:  # reported collectively below
+        import traceback
+
+        ok, msg = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+    agree(ok, msg)
+
+
+class Engines:
+    """The module's engine; rebuilt after a failed test so that one failure (a kernel
+    timeout leaves the engine unusable) does not fail every later test too."""
+
+    def __init__(self) -> None:
+        from mpiep.comm import Communicator
+
+        self.comm = Communicator(MPI.COMM_WORLD, timeout_s=ENGINE_TIMEOUT_S)
+        self.device = torch.device("cuda", self.comm.select_device(torch.cuda.device_count()))
+        torch.cuda.set_device(self.device)
+        self.engine = self._new()
+
+    def _new(self):
+        from mpiep.backends.cuda_intranode import IntranodeEngine
+
+        return IntranodeEngine(self.comm, self.device, NVL_BYTES, ENGINE_TIMEOUT_S)
+
+    def run(self, fn) -> None:
+        try:
+            fn()
+            ok, msg = True, ""
+        except Exception as exc:  # reported collectively below
+            import traceback
+
+            ok, msg = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        results = world().allgather((ok, msg))
+        if not all(o for o, _ in results):
+            try:
+                self.engine.destroy()
+            except Exception:
+                pass
+            self.engine = self._new()
+        bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
+        assert not bad, "; ".join(bad)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    holder = Engines()
+    yield holder
+    holder.engine.destroy()
+
+
+def make_case(seed: int, T: int, H: int, K: int, pattern: str, fp8: bool, device):
+    comm = world()
+    rng = np.random.default_rng(seed * 7919 + comm.rank)
+    T = T + 13 * comm.rank  # ranks hold different token counts
+    idx, w = oracle.make_routing(rng, T, max(K, 1), NUM_EXPERTS, comm.size, comm.rank, pattern)
+    T = idx.shape[0]
+    if fp8:
+        b = rng.integers(0, 256, (T, H), dtype=np.uint8)
+        b[(b & 0x7F) == 0x7F] = 0x3C
+        x = torch.from_numpy(b).view(torch.float8_e4m3fn).to(device)
+        scales = torch.from_numpy(rng.uniform(0.01, 2.0, (T, H // 128)).astype(np.float32)).to(
+            device
+        )
+    else:
+        xf = rng.standard_normal((T, H)).astype(np.float32) * rng.uniform(0.1, 8, (T, 1)).astype(
+            np.float32
+        )
+        x = torch.from_numpy(xf).to(torch.bfloat16).to(device)
+        scales = None
+    topk_idx = torch.from_numpy(idx).to(device)
+    topk_w = torch.from_numpy(w).to(device)
+    return x, scales, topk_idx, topk_w
+
+
+def close_bf16(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    af, bf = a.float(), b.float()
+    assert torch.isfinite(af).all(), f"{what}: non-finite values"
+    # Different fp32 summation orders differ by at most a BF16 rounding step or two.
+    tol = 2.0**-6 * bf.abs() + 1e-3
+    bad = ((af - bf).abs() > tol).nonzero()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.shape[0]} elements off, first at {bad[0].tolist()}: "
+        f"{af[tuple(bad[0])].item()} vs {bf[tuple(bad[0])].item()}"
+    )
+
+
+def np_bits(t: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor's raw elements as numpy (BF16 as int16, FP8 as uint8)."""
+    if t is None:
+        return None
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
+    return t.numpy()
+
+
+def expected_dispatch(ins, K: int, alignment: int):
+    """What this rank must receive, from every rank's gathered inputs (the contract)."""
+    me, R = world().rank, world().size
+    E_loc = NUM_EXPERTS // R
+    xs, ss, srcs, ids, ws, per_src = [], [], [], [], [], []
+    for _s, (x, sc, idx, w) in enumerate(ins):
+        owner = np.where(idx >= 0, idx // E_loc, -1)
+        tok = np.nonzero((owner == me).any(axis=1))[0]
+        per_src.append(len(tok))
+        xs.append(x[tok])
+        ss.append(sc[tok] if sc is not None else None)
+        srcs.append(tok.astype(np.int32))
+        mine = owner[tok] == me
+        ids.append(np.where(mine, idx[tok] - me * E_loc, -1).astype(np.int64))
+        ws.append(np.where(mine, w[tok], 0).astype(np.float32))
+    exp = {
+        "x": np.concatenate(xs),
+        "scales": None if ss[0] is None else np.concatenate(ss),
+        "src": np.concatenate(srcs),
+        "idx": np.concatenate(ids)[:, :K],
+        "w": np.concatenate(ws)[:, :K],
+        "per_src": np.array(per_src, dtype=np.int32),
+    }
+    counts = [int((exp["idx"] == e).sum()) for e in range(E_loc)]
+    exp["per_expert"] = [-(-c // alignment) * alignment for c in counts]
+    return exp
+
+
+def check_dispatch(res, exp, K: int, worst: int) -> None:
+    n = len(exp["src"])
+    rows = worst if worst else n
+    assert res.recv_x.shape[0] == rows, f"recv_x rows {res.recv_x.shape[0]} != {rows}"
+    got_x = np_bits(res.recv_x)
+    assert np.array_equal(got_x[:n], exp["x"]), "recv_x differs (bit-exact)"
+    assert not got_x[n:].any(), "recv_x padding must be zero"
+    if exp["scales"] is not None:
+        got = np_bits(res.recv_x_scales)
+        assert np.array_equal(got[:n], exp["scales"]), "recv_x_scales differ"
+    else:
+        assert res.recv_x_scales is None
+    got_src = np_bits(res.handle.recv_src_idx)
+    assert np.array_equal(got_src[:n], exp["src"]), "recv_src_idx differs"
+    assert (got_src[n:] == -1).all(), "recv_src_idx padding must be -1"
+    if K:
+        gi, gw = np_bits(res.recv_topk_idx), np_bits(res.recv_topk_weights)
+        assert np.array_equal(gi[:n], exp["idx"]), "recv_topk_idx differs"
+        assert np.array_equal(gw[:n], exp["w"]), "recv_topk_weights differ"
+        assert (gi[n:] == -1).all() and not gw[n:].any(), "top-k padding must be -1 / 0"
+    else:
+        assert res.recv_topk_idx is None and res.recv_topk_weights is None
+    assert np.array_equal(np_bits(res.handle.num_recv_per_src), exp["per_src"]), "num_recv_per_src"
+    if worst:
+        assert res.num_recv_tokens_per_expert_list == []
+        assert res.handle.num_worst_tokens == worst
+    else:
+        assert res.handle.num_recv_tokens == n
+        if K:
+            assert res.num_recv_tokens_per_expert_list == exp["per_expert"], (
+                f"per-expert counts {res.num_recv_tokens_per_expert_list} != {exp['per_expert']}"
+            )
+
+
+def dequant(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    if scales is None:
+        return x.float()
+    rows, hidden = x.shape
+    return (x.float().view(rows, hidden // 128, 128) * scales.unsqueeze(2)).view(rows, hidden)
+
+
+def expert_output(x, scales, rank: int) -> torch.Tensor:
+    """y = bf16((rank + 1) * x): each rank's 'expert' output, reproducible at the source."""
+    return (dequant(x, scales) * (rank + 1)).to(torch.bfloat16)
+
+
+def expected_combine(x, scales, in_rank, biases) -> torch.Tensor:
+    acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for r in range(world().size):
+        acc += expert_output(x, scales, r).float() * in_rank[:, r : r + 1].float()
+    for b in biases:
+        acc += b.float()
+    return acc.to(torch.bfloat16)
+
+
+def check_layout(lay, topk_idx) -> None:
+    from mpiep.backends.layout import compute_layout
+
+    want = compute_layout(topk_idx, NUM_EXPERTS, world().size, world().size)
+    for name in ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"):
+        a, b = getattr(lay, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"layout {name} differs"
+    assert lay.num_tokens_per_rdma_rank is None
+
+
+# --------------------------------------------------------------------------- cases
+CASES = [
+    # pattern, hidden, top-k (0: dispatch without top-k), fp8, expert_alignment, with bias
+    ("random", 7168, 8, False, 1, False),
+    ("holes", 4096, 4, False, 4, True),
+    ("skewed", 2048, 1, False, 1, False),
+    ("zero_tokens", 4096, 8, False, 8, False),
+    ("all_masked", 2048, 4, False, 1, False),
+    ("random", 2048, 0, False, 1, False),
+    ("random", 7168, 8, True, 1, False),
+    ("holes", 2048, 4, True, 2, True),
+    ("skewed", 4096, 1, True, 1, False),
+    ("zero_tokens", 7168, 4, True, 1, False),
+]
+
+
+def run_case(
+    engine, device, seed, pattern, hidden, K, fp8, alignment, with_bias, worst, num_sms=24
+):
+    """Every engine call first, in the same order on every rank; checks afterwards, so a
+    failed check never leaves the ranks out of step."""
+    from mpiep.config import Config
+
+    cfg = Config(num_sms)
+    x, scales, topk_idx, topk_w = make_case(seed, 300, hidden, K, pattern, fp8, device)
+    T = x.shape[0]
+    ti, tw = (topk_idx, topk_w) if K else (None, None)
+    lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    res = engine.dispatch(x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
+    y = expert_output(res.recv_x, res.recv_x_scales, world().rank)
+    bias = ()
+    if with_bias:
+        bias = tuple(torch.randn(T, hidden, device=device).to(torch.bfloat16) for _ in range(2))
+    out, out_w = engine.combine(y, res.handle, res.recv_topk_weights, bias, cfg)
+    # Cached dispatch of fresh data with the handle (no notify).
+    x2, s2, _, _ = make_case(seed + 1, 300, hidden, K, pattern, fp8, device)
+    cached = engine.dispatch(
+        x2, s2, None, None, None, res.handle, NUM_EXPERTS, alignment, worst, cfg
+    )
+    # Backward identity: combine of ones counts the ranks each token went to.
+    ones = torch.ones(res.recv_x.shape[0], hidden, dtype=torch.bfloat16, device=device)
+    cnt, _ = engine.combine(ones, res.handle, None, (), cfg)
+    torch.cuda.synchronize()
+    engine.check_errors()
+
+    check_layout(lay, topk_idx)
+    ins = world().allgather((np_bits(x), np_bits(scales), np_bits(topk_idx), np_bits(topk_w)))
+    exp = expected_dispatch(ins, K, alignment)
+    check_dispatch(res, exp, K, worst)
+    in_rank = lay.is_token_in_rank
+    close_bf16(out, expected_combine(x, scales, in_rank, bias), "combined x")
+    if K:
+        want_w = torch.where(topk_idx >= 0, topk_w, torch.zeros_like(topk_w))
+        assert torch.equal(out_w, want_w), "combined top-k weights != original weights"
+    else:
+        assert out_w is None
+    ins2 = world().allgather((np_bits(x2), np_bits(s2), np_bits(topk_idx), np_bits(topk_w)))
+    exp2 = expected_dispatch(ins2, 0, alignment)
+    n = len(exp2["src"])
+    assert np.array_equal(np_bits(cached.recv_x)[:n], exp2["x"]), "cached recv_x differs"
+    if s2 is not None:
+        assert np.array_equal(np_bits(cached.recv_x_scales)[:n], exp2["scales"]), "cached scales"
+    want = in_rank.sum(1, dtype=torch.float32).unsqueeze(1).expand_as(cnt)
+    assert torch.equal(cnt.float(), want), "combine(ones) != ranks per token"
+
+
+@pytest.mark.parametrize("pattern,hidden,K,fp8,alignment,with_bias", CASES)
+def test_dispatch_combine(setup, pattern, hidden, K, fp8, alignment, with_bias):
+    _comm, device, engine = setup.comm, setup.device, setup.engine
+    seed = zlib.crc32(f"{pattern}-{hidden}-{K}-{fp8}".encode()) % 100000
+    setup.run(
+        lambda: run_case(engine, device, seed, pattern, hidden, K, fp8, alignment, with_bias, 0)
+    )
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_worst_tokens(setup, fp8):
+    _comm, device, engine = setup.comm, setup.device, setup.engine
+    worst = sum(300 + 13 * r for r in range(world().size))  # every token of every rank
+    setup.run(lambda: run_case(engine, device, 77 + fp8, "holes", 4096, 8, fp8, 1, False, worst))
+
+
+@pytest.mark.parametrize("num_sms", [2, 8, 20])
+def test_num_sms_and_repeats(setup, num_sms):
+    """Several channel counts, back to back without synchronising (buffer reuse)."""
+    _comm, device, engine = setup.comm, setup.device, setup.engine
+    from mpiep.config import Config
+
+    def body():
+        cfg = Config(num_sms)
+        outs = []
+        inputs = []
+        for i in range(4):
+            x, _, topk_idx, topk_w = make_case(
+                500 + i + num_sms, 400, 2048, 4, "random", False, device
+            )
+            lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+            res = engine.dispatch(x, None, topk_idx, topk_w, lay, None, NUM_EXPERTS, 1, 0, cfg)
+            y = res.recv_x
+            out, _ = engine.combine(y, res.handle, None, (), cfg)
+            outs.append(out)
+            inputs.append((x, res.handle))
+        torch.cuda.synchronize()
+        engine.check_errors()
+        for out, (x, h) in zip(outs, inputs, strict=True):
+            # combine(dispatch(x)) == x * (number of ranks the token went to)
+            expect = x.float() * h.is_token_in_rank.sum(1, dtype=torch.float32).unsqueeze(1)
+            close_bf16(out, expect.to(torch.bfloat16), "combine(dispatch(x))")
+
+    setup.run(body)
+
+
+def test_create_destroy_no_leak():
+    from mpiep.backends.cuda_intranode import IntranodeEngine
+    from mpiep.comm import Communicator
+
+    comm = Communicator(MPI.COMM_WORLD, timeout_s=ENGINE_TIMEOUT_S)
+    device = torch.device("cuda", comm.select_device(torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+
+    def cycle():
+        e = IntranodeEngine(comm, device, 64 << 20, ENGINE_TIMEOUT_S)
+        e.destroy()
+
+    def body():
+        for _ in range(3):
+            cycle()
+        torch.cuda.synchronize()
+        comm.barrier("leak test start")
+        free0, _ = torch.cuda.mem_get_info(device)
+        t0 = time.monotonic()
+        for _ in range(100):
+            cycle()
+        torch.cuda.synchronize()
+        comm.barrier("leak test end")
+        free1, _ = torch.cuda.mem_get_info(device)
+        drift = free0 - free1
+        assert drift < (32 << 20), f"free memory dropped by {drift >> 20} MiB over 100 cycles"
+        print(f"100 create/destroy cycles: {time.monotonic() - t0:.1f}s, drift {drift} B")
+
+    try:
+        run_checked(body)
+    finally:
+        comm.free()
+
+
+def test_bench(setup):
+    """Timings of the speed bar's shape (informative on shared GPUs); JSON into $OUT."""
+    comm, device, engine = setup.comm, setup.device, setup.engine
+    from mpiep.config import Config
+
+    def body():
+        T, H, K, E = 4096, 7168, 8, 256
+        rng = np.random.default_rng(1234 + comm.rank)
+        idx, w = oracle.make_routing(rng, T, K, E, comm.size, comm.rank, "random")
+        topk_idx, topk_w = torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device)
+        x = torch.randn(T, H, device=device).to(torch.bfloat16)
+        x8 = torch.randint(0, 0x7E, (T, H), dtype=torch.uint8, device=device).view(
+            torch.float8_e4m3fn
+        )
+        s8 = torch.rand(T, H // 128, device=device) + 0.1
+        cfg = Config(24)
+        lay = engine.get_dispatch_layout(topk_idx, E)
+
+        def timed(fn, iters=20):
+            fn()
+            torch.cuda.synchronize()
+            comm.barrier("bench")
+            times = []
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1000)
+            engine.check_errors()
+            return float(np.median(times))
+
+        res = {}
+        need = engine.row_area_bytes
+        row = _C.intranode_dispatch_row_bytes(H * 2, 0, K)
+        if comm.size * T * row > need:
+            res["skipped"] = "buffer too small for the bench shape"
+        else:
+            out = engine.dispatch(x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
+            res["layout_us"] = timed(lambda: engine.get_dispatch_layout(topk_idx, E))
+            res["dispatch_bf16_us"] = timed(
+                lambda: engine.dispatch(x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
+            )
+            res["dispatch_fp8_us"] = timed(
+                lambda: engine.dispatch(x8, s8, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
+            )
+            res["dispatch_bf16_cached_us"] = timed(
+                lambda: engine.dispatch(x, None, None, None, None, out.handle, E, 1, 0, cfg)
+            )
+            worst = comm.size * T
+            res["dispatch_bf16_worst_us"] = timed(
+                lambda: engine.dispatch(x, None, topk_idx, topk_w, lay, None, E, 1, worst, cfg)
+            )
+            y = out.recv_x
+            res["combine_us"] = timed(lambda: engine.combine(y, out.handle, None, (), cfg))
+            res["recv_tokens"] = out.handle.num_recv_tokens
+        res["ranks"] = comm.size
+        res["device"] = torch.cuda.get_device_name(device)
+        allres = comm.allgather(res, "bench gather")
+        if comm.rank == 0:
+            print("intranode bench:", json.dumps(allres))
+            out_dir = os.environ.get("OUT")
+            if out_dir:
+                Path(out_dir, "intranode_bench.json").write_text(json.dumps(allres, indent=1))
+
+    setup.run(body)
