@@ -9,6 +9,7 @@ against, so clarity wins over speed here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -26,10 +27,13 @@ from mpiep.handles import DispatchHandle, LowLatencyHandle
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     """A [rows, nbytes] uint8 view of a contiguous tensor whose first dim is rows."""
-    return t.contiguous().view(t.shape[0], -1).view(torch.uint8)
+    width = math.prod(t.shape[1:]) * t.element_size()
+    return t.contiguous().view(torch.uint8).view(t.shape[0], width)
 
 
 def _from_bytes(b: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if b.numel() == 0:  # a rank that receives nothing: views of empty slices can't change dtype
+        return torch.empty(shape, dtype=dtype)
     return b.contiguous().view(dtype).view(shape)
 
 
