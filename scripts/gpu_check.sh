@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the core, run the GPU tests under mpirun, run the
 # benchmark, and leave logs and JSON under $OUT.
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [doctor]    (default: all four)
+#   scripts/gpu_check.sh [build] [test] [bench] [sweep] [doctor]    (default: all)
 #
 # Environment: MPIEP_NP ranks (default: number of GPUs, at least 2; with one GPU the
 # ranks share it through CUDA MPS), MPIEP_GPU_TESTS test paths (default tests/),
@@ -15,7 +15,7 @@ export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-steps=${*:-build test bench doctor}
+steps=${*:-build test bench sweep doctor}
 status=0
 
 note() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
@@ -40,7 +40,7 @@ if (( NP > ngpu )); then
   export MPIEP_ALLOW_GPU_SHARING=1
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if nvidia-cuda-mps-control -d 2>>"$OUT/mps.log"; then
+  if nvidia-cuda-mps-control -d 2>>"$OUT/summary.txt"; then
     note "started CUDA MPS for $NP ranks on $ngpu GPU(s)"
     trap 'echo quit | nvidia-cuda-mps-control' EXIT
   else
@@ -70,6 +70,13 @@ if [[ $steps == *bench* ]]; then
   timeout "${MPIEP_BENCH_TIMEOUT:-300}" "${MPIRUN[@]}" python3 -m mpiep bench \
     --json "$OUT/bench.json" ${MPIEP_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
   rc=$?; cat "$OUT/bench.log" | tail -60; note "bench exit $rc"; (( rc )) && status=1
+fi
+
+if [[ $steps == *sweep* ]]; then
+  note "token sweep on $NP ranks"
+  timeout "${MPIEP_SWEEP_TIMEOUT:-200}" "${MPIRUN[@]}" python3 -m mpiep bench --sweep --shapes standard \
+    --iters 20 --json "$OUT/sweep.json" --plot "$OUT/sweep.png" >>"$OUT/bench.log" 2>&1
+  rc=$?; tail -30 "$OUT/bench.log"; note "sweep exit $rc"; (( rc )) && status=1
 fi
 
 if [[ $steps == *doctor* ]]; then
