@@ -52,7 +52,9 @@ def per_token_cast_to_fp8(
     tokens, hidden = x.shape
     blocks = x.float().view(tokens, hidden // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    scale = amax / FP8_E4M3_MAX
+    # A tensor divisor on purpose: torch on CUDA turns division by a Python scalar into
+    # multiplication by its reciprocal, which rounds differently from the kernels' x / 448.
+    scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
     if round_scale or use_ue8m0:
         scale = round_scale_to_pow2(scale)
     q = (blocks / scale.unsqueeze(2)).to(torch.float8_e4m3fn).view(tokens, hidden)

@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["all", "normal", "low-latency"], default="all")
     p.add_argument(
         "--shapes",
-        choices=["standard", "small", "quick"],
-        default=None,
-        help="shape set; default: standard with GPUs, small on CPUs",
+        choices=["all", "standard", "small", "quick"],
+        default="all",
+        help="DeepEP's standard shapes, smaller ones, or both (all)",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny shapes and few iterations (smoke test)"
