@@ -28,6 +28,8 @@ from mpiep.handles import DispatchHandle, LowLatencyHandle
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     """A [rows, nbytes] uint8 view of a contiguous tensor whose first dim is rows."""
     width = math.prod(t.shape[1:]) * t.element_size()
+    if t.numel() == 0:  # empty slices may carry zero strides, which dtype views reject
+        return torch.empty(t.shape[0], width, dtype=torch.uint8)
     return t.contiguous().view(torch.uint8).view(t.shape[0], width)
 
 
