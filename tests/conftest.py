@@ -73,10 +73,15 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16).copy()
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """A copy with row-major strides (numpy can give empty arrays strides of 0)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def bf16_tensor(bits: np.ndarray) -> torch.Tensor:
     """uint16 bit patterns -> BF16 tensor."""
     arr = np.ascontiguousarray(bits, dtype=np.uint16).view(np.int16)
-    return torch.from_numpy(arr.copy()).view(torch.bfloat16)
+    return dense(torch.from_numpy(arr.copy()).view(torch.bfloat16))
 
 
 def fp8_bytes(t: torch.Tensor) -> np.ndarray:
@@ -87,8 +92,8 @@ def fp8_bytes(t: torch.Tensor) -> np.ndarray:
 
 def fp8_tensor(b: np.ndarray) -> torch.Tensor:
     """uint8 bytes -> float8_e4m3fn tensor."""
-    return torch.from_numpy(np.ascontiguousarray(b, dtype=np.uint8).copy()).view(
-        torch.float8_e4m3fn
+    return dense(
+        torch.from_numpy(np.ascontiguousarray(b, dtype=np.uint8).copy()).view(torch.float8_e4m3fn)
     )
 
 
@@ -96,7 +101,7 @@ def random_bf16(rng: np.random.Generator, num_tokens: int, hidden: int) -> torch
     """A BF16 [T, H] tensor of normal values with per-token magnitudes."""
     mag = rng.uniform(0.1, 8.0, (num_tokens, 1)).astype(np.float32)
     x = rng.standard_normal((num_tokens, hidden)).astype(np.float32) * mag
-    return torch.from_numpy(x).to(torch.bfloat16)
+    return dense(torch.from_numpy(x).to(torch.bfloat16))
 
 
 def random_fp8(
@@ -106,7 +111,7 @@ def random_fp8(
     b = rng.integers(0, 256, (num_tokens, hidden), dtype=np.uint8)
     b[(b & 0x7F) == 0x7F] = 0x3C  # 0x7f / 0xff are NaN: replace with 1.5
     scales = rng.uniform(0.01, 2.0, (num_tokens, hidden // 128)).astype(np.float32)
-    return fp8_tensor(b), torch.from_numpy(scales)
+    return fp8_tensor(b), dense(torch.from_numpy(scales))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -151,7 +156,7 @@ def ep_comm(request: pytest.FixtureRequest, comm: MPI.Comm) -> Iterator[MPI.Comm
 
 @pytest.fixture
 def make_buffer(comm: MPI.Comm) -> Iterator[Callable[..., Any]]:
-    """Factory of reference-backend Buffers, destroyed at the end of the test."""
+    """Factory of reference-backend Buffers on CPU tensors, destroyed at the end of the test."""
     from mpiep import Buffer
 
     created: list[Any] = []
@@ -163,6 +168,7 @@ def make_buffer(comm: MPI.Comm) -> Iterator[Callable[..., Any]]:
             "low_latency_mode": False,
             "backend": "reference",
             "timeout_s": BUFFER_TIMEOUT_S,
+            "device": "cpu",  # CPU tensors, also on a machine with GPUs
         }
         args.update(kwargs)
         buf = Buffer(comm if group is None else group, **args)

@@ -330,8 +330,10 @@ def test_dispatch_then_combine_virtual_nodes(
             topk_weights=torch.from_numpy(case.weights),
         )
         combined, _, _ = buf.combine(y, out[4])
-        assert per_rdma is not None and want_rdma is not None
-        assert np.array_equal(per_rdma.numpy(), want_rdma)
+        if want_rdma is None:  # a single (virtual) node
+            assert per_rdma is None
+        else:
+            assert per_rdma is not None and np.array_equal(per_rdma.numpy(), want_rdma)
         check_dispatch(case, out)
         assert_sum_close(combined, want_x)
 
@@ -546,6 +548,48 @@ def test_all_tokens_to_one_rank_and_one_rank_empty(
         assert tuple(combined.shape) == (num_tokens, 7168)
         # Every token went to rank 0 only: the round trip returns it unchanged.
         assert np.array_equal(bf16_bits(combined), x_np["x"])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_empty_tensors_with_zero_strides(
+    comm: MPI.Comm, rng: np.random.Generator, make_buffer: Callable[..., Any]
+) -> None:
+    """Empty inputs whose strides are 0 (numpy broadcasting makes them; torch calls them
+    contiguous): the last rank sends nothing, ranks other than 0 receive nothing."""
+    num_experts = E_LOCAL * comm.size
+    last = comm.rank == comm.size - 1
+    num_tokens = 0 if last else 12
+    idx, w = oracle.make_routing(rng, num_tokens, 4, num_experts, comm.size, comm.rank, "skewed")
+    hidden = 2048
+
+    def zero_strided(rows: int) -> torch.Tensor:
+        a = np.zeros((rows, hidden), np.float32) * np.ones((rows, 1), np.float32)
+        return torch.from_numpy(a).to(torch.bfloat16)
+
+    x = zero_strided(0) if last else random_bf16(rng, num_tokens, hidden)
+    all_idx, all_w = gather_arrays(comm, idx), gather_arrays(comm, w)
+    recv_all = [oracle.normal_dispatch(all_idx, all_w, num_experts, r) for r in range(comm.size)]
+    n = recv_all[comm.rank].num_rows
+    y = zero_strided(0) if n == 0 else random_bf16(rng, n, hidden)
+    all_y = comm.allgather(rows_f32(bf16_bits(y)))
+    want = oracle.normal_combine(comm.rank, num_tokens, recv_all, all_y)
+    buf = make_buffer()
+    with collective_check(comm):
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(
+            torch.from_numpy(idx), num_experts
+        )
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=torch.from_numpy(idx),
+            topk_weights=torch.from_numpy(w),
+        )
+        combined, _, _ = buf.combine(y, handle)
+        assert tuple(recv_x.shape) == (n, hidden)
+        assert_sum_close(combined, want)
 
 
 @pytest.mark.mpi(min_size=2)
