@@ -52,7 +52,8 @@ note "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq 
 if [[ $steps == *build* ]]; then
   note "build"
   if ! MPIEP_BUILD_CORE=1 MPIEP_NVCC_THREADS=8 python3 -m pip install --no-build-isolation --no-deps \
-      -e . >"$OUT/build.log" 2>&1; then
+      -e . >/tmp/mpiep-build.log 2>&1; then
+    cp /tmp/mpiep-build.log "$OUT/build.log"  # only on failure: $OUT holds 8 files at most
     note "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1
   fi
   python3 -c "import mpiep._C as c; print('core', c.version, 'devices', c.device_count())" 2>&1 | tee -a "$OUT/summary.txt"
@@ -75,7 +76,7 @@ fi
 if [[ $steps == *sweep* ]]; then
   note "token sweep on $NP ranks"
   timeout "${MPIEP_SWEEP_TIMEOUT:-200}" "${MPIRUN[@]}" python3 -m mpiep bench --sweep --shapes standard \
-    --iters 20 --json "$OUT/sweep.json" --plot "$OUT/sweep.png" >>"$OUT/bench.log" 2>&1
+    --iters 20 --plot "$OUT/sweep.png" >>"$OUT/bench.log" 2>&1
   rc=$?; tail -30 "$OUT/bench.log"; note "sweep exit $rc"; (( rc )) && status=1
 fi
 
