@@ -61,7 +61,7 @@ fi
 
 if [[ $steps == *test* ]]; then
   note "GPU tests on $NP ranks"
-  timeout "${MPIEP_TEST_TIMEOUT:-420}" "${MPIRUN[@]}" python3 -m pytest --with-mpi -m gpu -x -q \
+  timeout "${MPIEP_TEST_TIMEOUT:-420}" "${MPIRUN[@]}" python3 -m pytest --with-mpi -m gpu --maxfail=5 -q \
     -p no:cacheprovider ${MPIEP_GPU_TESTS:-tests/} >"$OUT/gpu_tests.log" 2>&1
   rc=$?; tail -25 "$OUT/gpu_tests.log"; note "GPU tests exit $rc"; (( rc )) && status=1
 fi
