@@ -19,7 +19,7 @@ from mpiep import Buffer, get_low_latency_rdma_size_hint, get_normal_buffer_size
 from mpiep.bench import nccl
 from mpiep.bench.cases import Shape
 from mpiep.bench.data import make_routing, make_x, token_rows
-from mpiep.bench.timing import time_call
+from mpiep.bench.timing import kernel_time_us, time_call
 from mpiep.fp8 import per_token_cast_to_fp8
 
 
@@ -284,19 +284,28 @@ def _hook_rows(
         *_, hook = buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=True, return_recv_hook=True)
         pending.append(hook)
 
-    time_call(send_only, comm, buf.device, 0, 1, 0, batch=1)  # warm the path
+    time_call(send_only, comm, buf.device, 0, 1, 0, batch=1, profile_kernels=False)  # warm
     for hook in pending:
         hook()
     pending.clear()
     samples = []
     for _ in range(max(2, min(s.iters, 20))):
         # One send at a time: at most two dispatches may wait for their hooks.
-        samples.append(time_call(send_only, comm, buf.device, 0, 1, 0, batch=1)["median_us"])
+        t = time_call(send_only, comm, buf.device, 0, 1, 0, batch=1, profile_kernels=False)
+        samples.append(t["median_us"])
+        for hook in pending:
+            hook()
+        pending.clear()
+    kernels = []
+    for _ in range(5):  # device time of the send launch alone
+        comm.Barrier()
+        kernels.append(kernel_time_us(send_only, buf.device, calls=1))
         for hook in pending:
             hook()
         pending.clear()
     samples.sort()
     t = {
+        "kernel_us": comm.allreduce(sorted(kernels)[len(kernels) // 2], op=MPI.MAX),
         "median_us": samples[len(samples) // 2],
         "min_us": samples[0],
         "max_us": samples[-1],

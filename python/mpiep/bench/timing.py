@@ -7,6 +7,9 @@ Two figures per call:
   batches, slowest rank's. Launch skew between ranks is paid once per batch.
 - ``synced_us``: one call started right after an MPI barrier, slowest rank's; it includes
   the skew between ranks leaving the barrier, as a lone call in a real step would.
+- ``kernel_us`` (GPUs): the device time of the call's kernels and copies, summed, from the
+  torch profiler (CUPTI), per call, slowest rank's. This is what DeepEP's tables report
+  (its bench_kineto); host overhead and idle gaps between kernels are not in it.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ def time_call(
     iters: int,
     budget_s: float,
     batch: int | None = None,
+    profile_kernels: bool = True,
 ) -> dict[str, float]:
     """Time ``fn``; stops early once ``budget_s`` is spent (rank 0 decides, so that all
     ranks run the same calls). ``batch`` calls per throughput sample (default: 10 on
-    GPUs, 1 on CPUs, where a call is long enough on its own)."""
+    GPUs, 1 on CPUs, where a call is long enough on its own). ``profile_kernels=False`` for
+    calls that must not run 10 more times in a row (sends whose hooks are still pending)."""
     if batch is None:
         batch = 10 if device.type == "cuda" else 1
     for _ in range(warmup):
@@ -64,8 +69,12 @@ def time_call(
         out_of_time = time.perf_counter() - started > budget_s and i >= 1
         if comm.bcast(out_of_time, root=0):
             break
+    kernel = (
+        comm.allreduce(kernel_time_us(fn, device), op=MPI.MAX) if device.type == "cuda" else 0.0
+    )
     samples = batched or synced
     return {
+        "kernel_us": kernel,
         "median_us": statistics.median(samples),
         "min_us": min(samples),
         "max_us": max(samples),
@@ -73,3 +82,21 @@ def time_call(
         "iters": len(synced),
         "batch": batch,
     }
+
+
+def kernel_time_us(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float:
+    """Device time per call of everything ``fn`` runs on the GPU (0.0 if CUPTI is unusable)."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+        total = sum(
+            e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+        )
+        return total / calls
+    except Exception:
+        return 0.0
