@@ -85,18 +85,41 @@ def time_call(
 
 
 def kernel_time_us(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float:
-    """Device time per call of everything ``fn`` runs on the GPU (0.0 if CUPTI is unusable)."""
-    try:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
+    """Device time per call of everything ``fn`` runs on the GPU (0.0 if CUPTI is unusable).
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize(device)
-        total = sum(
-            e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
-        )
-        return total / calls
-    except Exception:
+    ``fn`` runs ``calls`` times whatever the profiler does, and its own errors propagate:
+    every rank must make the same calls, or peers wait for data that never comes.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    try:
+        prof.__enter__()
+    except Exception as exc:  # noqa: BLE001 - the profiler is optional
+        _warn_once(f"kernel times unavailable: {type(exc).__name__}: {exc}")
+        prof = None
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize(device)
+    if prof is None:
         return 0.0
+    try:
+        prof.__exit__(None, None, None)
+        events = prof.events()
+    except Exception as exc:  # noqa: BLE001
+        _warn_once(f"kernel times unavailable: {type(exc).__name__}: {exc}")
+        return 0.0
+    total = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+    return total / calls
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import sys
+
+    if message not in _warned:
+        _warned.add(message)
+        print(f"mpiep bench: {message}", file=sys.stderr)
