@@ -96,7 +96,7 @@ def kernel_time_us(fn: Callable[[], object], device: torch.device, calls: int = 
     prof = profile(activities=[ProfilerActivity.CUDA])
     try:
         prof.__enter__()
-    except Exception as exc:  # noqa: BLE001 - the profiler is optional
+    except Exception as exc:
         _warn_once(f"kernel times unavailable: {type(exc).__name__}: {exc}")
         prof = None
     for _ in range(calls):
@@ -107,7 +107,7 @@ def kernel_time_us(fn: Callable[[], object], device: torch.device, calls: int = 
     try:
         prof.__exit__(None, None, None)
         events = prof.events()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _warn_once(f"kernel times unavailable: {type(exc).__name__}: {exc}")
         return 0.0
     total = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
