@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--budget", type=float, default=None, help="seconds per case before stopping early"
     )
     p.add_argument("--no-nccl", action="store_true", help="skip the NCCL baseline")
+    p.add_argument(
+        "--no-kernel-times",
+        action="store_true",
+        help="skip the torch-profiler kernel-time column (GPUs)",
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--plot", type=Path, help="with --sweep, write a PNG of time vs tokens here")
     p.set_defaults(func=run)
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         else (3 if args.quick else (50 if on_gpu else 5)),
         budget_s=args.budget if args.budget is not None else (2.0 if args.quick else 10.0),
         nccl=not args.no_nccl,
+        kernel_times=not args.no_kernel_times,
         backend=args.backend,
         num_sms=args.num_sms,
     )

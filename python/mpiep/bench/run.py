@@ -51,6 +51,7 @@ class Settings:
     nccl: bool
     backend: str
     num_sms: int | None
+    kernel_times: bool = True
 
 
 def _mean(comm: MPI.Comm, value: float) -> float:
@@ -130,7 +131,7 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
     ]
     rows = []
     for name, fn, row_bytes, _ in timings:
-        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s)
+        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times)
         rows.append(
             Row(
                 f"normal {name}",
@@ -171,7 +172,9 @@ def _nccl_rows(
         ]
     send_rows, recv_rows = send.cpu().tolist(), recv.cpu().tolist()
     fn = nccl.all_to_all_fn(send_rows, recv_rows, row_bytes, buf.device)
-    t = time_call(fn, comm, buf.device, s.warmup, s.iters, s.budget_s)
+    t = time_call(
+        fn, comm, buf.device, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times
+    )
     total = sum(recv_rows) * row_bytes
     remote = total - recv_rows[buf.rank] * row_bytes
     return [
@@ -255,7 +258,7 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
             bf16_row,
         ),
     ):
-        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s)
+        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times)
         rows.append(
             Row(
                 f"low-latency {name}",
@@ -297,7 +300,7 @@ def _hook_rows(
             hook()
         pending.clear()
     kernels = []
-    for _ in range(5):  # device time of the send launch alone
+    for _ in range(5 if s.kernel_times else 0):  # device time of the send launch alone
         comm.Barrier()
         kernels.append(kernel_time_us(send_only, buf.device, calls=1))
         for hook in pending:
@@ -305,7 +308,9 @@ def _hook_rows(
         pending.clear()
     samples.sort()
     t = {
-        "kernel_us": comm.allreduce(sorted(kernels)[len(kernels) // 2], op=MPI.MAX),
+        "kernel_us": comm.allreduce(sorted(kernels)[len(kernels) // 2], op=MPI.MAX)
+        if kernels
+        else 0.0,
         "median_us": samples[len(samples) // 2],
         "min_us": samples[0],
         "max_us": samples[-1],
