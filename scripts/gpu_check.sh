@@ -6,7 +6,7 @@
 #
 # Environment: MPIEP_NP ranks (default: number of GPUs, at least 2; with one GPU the
 # ranks share it through CUDA MPS), MPIEP_GPU_TESTS test paths (default tests/),
-# MPIEP_BENCH_ARGS extra `mpiep bench` arguments, MPIEP_TEST_TIMEOUT seconds.
+# MPIEP_BENCH_ARGS extra `mpiep bench` arguments (';' separates several runs), MPIEP_TEST_TIMEOUT seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,10 +67,17 @@ if [[ $steps == *test* ]]; then
 fi
 
 if [[ $steps == *bench* ]]; then
-  note "benchmark on $NP ranks"
-  timeout "${MPIEP_BENCH_TIMEOUT:-300}" "${MPIRUN[@]}" python3 -m mpiep bench \
-    --json "$OUT/bench.json" ${MPIEP_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
-  rc=$?; cat "$OUT/bench.log" | tail -60; note "bench exit $rc"; (( rc )) && status=1
+  # MPIEP_BENCH_ARGS may hold several argument sets separated by ';' (one run each).
+  IFS=';' read -r -a bench_sets <<<"${MPIEP_BENCH_ARGS:- }"
+  for i in "${!bench_sets[@]}"; do
+    json=(); (( i == 0 )) && json=(--json "$OUT/bench.json")
+    note "benchmark on $NP ranks: mpiep bench ${bench_sets[$i]}"
+    # shellcheck disable=SC2086  # word splitting of the argument set is wanted
+    timeout "${MPIEP_BENCH_TIMEOUT:-300}" "${MPIRUN[@]}" python3 -m mpiep bench "${json[@]}" \
+      ${bench_sets[$i]} >>"$OUT/bench.log" 2>&1
+    rc=$?; note "bench exit $rc"; (( rc )) && status=1
+  done
+  tail -60 "$OUT/bench.log"
 fi
 
 if [[ $steps == *sweep* ]]; then
