@@ -704,8 +704,8 @@ class Buffer:
         they can be captured in a CUDA graph together with the surrounding compute."""
         if self.comm_stream is None or not async_finish:
             result = run()
-            # Synchronous: the work is on the current stream already; no event (as DeepEP).
-            return result, EventOverlap(None)
+            event = self.capture() if self.comm_stream is not None else EventOverlap(None)
+            return result, event
         return self._on_comm_stream(run, None, True, False, inputs, outputs)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
