@@ -271,6 +271,10 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
             )
         )
     if dev.type == "cuda":
+        # Known issue (docs/PERFORMANCE.md): after the back-to-back timing loops above, a
+        # hook-mode receive can find arrival counters left over; start the hook rows clean.
+        torch.cuda.synchronize(dev)
+        buf.clean_low_latency_buffer(T, H, E)
         rows += _hook_rows(comm, buf, shape, x, topk_idx, s)
     buf.destroy()
     return rows
