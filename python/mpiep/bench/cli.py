@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-nccl", action="store_true", help="skip the NCCL baseline")
     p.add_argument(
+        "--hooks",
+        action="store_true",
+        help="also time the low-latency send phase with receive hooks (GPUs; see "
+        "docs/PERFORMANCE.md for the open issue with this row)",
+    )
+    p.add_argument(
         "--no-kernel-times",
         action="store_true",
         help="skip the torch-profiler kernel-time column (GPUs)",
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         budget_s=args.budget if args.budget is not None else (2.0 if args.quick else 10.0),
         nccl=not args.no_nccl,
         kernel_times=not args.no_kernel_times,
+        hooks=args.hooks,
         backend=args.backend,
         num_sms=args.num_sms,
     )
