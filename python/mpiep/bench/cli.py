@@ -64,9 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "docs/PERFORMANCE.md for the open issue with this row)",
     )
     p.add_argument(
-        "--no-kernel-times",
+        "--kernel-times",
         action="store_true",
-        help="skip the torch-profiler kernel-time column (GPUs)",
+        help="add a kernel-time column from the torch profiler (GPUs; experimental: "
+        "implausible under CUDA MPS, see docs/PERFORMANCE.md)",
     )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--plot", type=Path, help="with --sweep, write a PNG of time vs tokens here")
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         else (3 if args.quick else (50 if on_gpu else 5)),
         budget_s=args.budget if args.budget is not None else (2.0 if args.quick else 10.0),
         nccl=not args.no_nccl,
-        kernel_times=not args.no_kernel_times,
+        kernel_times=args.kernel_times,
         hooks=args.hooks,
         backend=args.backend,
         num_sms=args.num_sms,

@@ -16,7 +16,7 @@ FOOTNOTE = (
     "Row bytes: BF16 H*2; FP8 H + H/128*4 (scales); low latency: one row per (token, expert).\n"
     "Times (slowest rank's): median/min = back-to-back calls in batches after one barrier,\n"
     "per call (GPUs: batches of 10); synced = one call right after an MPI barrier;\n"
-    "kernel = GPU time of the call's kernels and copies (torch profiler), as DeepEP reports."
+    "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler)."
 )
 
 

@@ -51,7 +51,7 @@ class Settings:
     nccl: bool
     backend: str
     num_sms: int | None
-    kernel_times: bool = True
+    kernel_times: bool = False
     hooks: bool = False
 
 
