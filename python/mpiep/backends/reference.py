@@ -190,10 +190,7 @@ class ReferenceBackend:
                 recv_topk_weights = _from_bytes(fields[i], torch.float32, (num_recv, num_topk))
 
         if handle is None:
-            counts = [
-                int((recv_topk_idx == e).any(dim=1).sum()) if recv_topk_idx is not None else 0
-                for e in range(experts_per_rank)
-            ]
+            counts = self._recv_expert_counts(layout.num_tokens_per_expert, experts_per_rank)
             per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts]
             handle = DispatchHandle(
                 num_ranks=num_ranks,
@@ -495,6 +492,16 @@ class ReferenceBackend:
         self._ll_combine_buffer = None
 
     # -- helpers -------------------------------------------------------------------------
+    def _recv_expert_counts(
+        self, num_tokens_per_expert: torch.Tensor, experts_per_rank: int
+    ) -> list[int]:
+        """Per local expert, the (token, slot) pairs all sources route to it: every source's
+        layout counts for this rank's experts, summed (what the GPU notify step exchanges)."""
+        send = num_tokens_per_expert.to(torch.int64).cpu().numpy()
+        recv = np.empty_like(send)
+        self.comm.wait(self.comm.comm.Ialltoall(send, recv), "dispatch: per-expert counts")
+        return recv.reshape(self.comm.size, experts_per_rank).sum(axis=0).tolist()
+
     def _alltoall_counts(self, send_counts: torch.Tensor, phase: str) -> list[int]:
         send = send_counts.to(torch.int64).cpu().numpy()
         recv = np.empty(self.comm.size, dtype=np.int64)
