@@ -394,6 +394,13 @@ def test_num_worst_tokens(
         np.testing.assert_allclose(combined_w.numpy(), want_w, rtol=1e-6, atol=1e-7)
         check_recv_rows(recv_x2, case.want_rows(), case.recv.num_rows)
         assert recv_numpy(recv_x2)["x"].shape[0] == worst
+        # without repeating it, the handle's num_worst_tokens still fixes the shape
+        recv_x3, *_ = buf.dispatch(case.x, handle=handle)
+        assert recv_numpy(recv_x3)["x"].shape[0] == worst
+        check_recv_rows(recv_x3, case.want_rows(), case.recv.num_rows)
+        # a different value contradicts the handle: rejected on every rank
+        with pytest.raises(ValueError, match="num_worst_tokens"):
+            buf.dispatch(case.x, handle=handle, num_worst_tokens=worst + 1)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -366,6 +366,11 @@ class Buffer:
                         f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
                         f"[{handle.num_tokens}, {handle.hidden}]"
                     )
+                if num_worst_tokens not in (0, handle.num_worst_tokens):
+                    raise ValueError(
+                        f"cached dispatch: num_worst_tokens={num_worst_tokens} differs from the "
+                        f"handle's {handle.num_worst_tokens} (a cached dispatch keeps its shapes)"
+                    )
                 num_experts = handle.num_experts
             else:
                 for name, t in (
@@ -439,6 +444,8 @@ class Buffer:
                 is_token_in_rank,
             )
         num_experts = handle.num_experts if cached else int(num_tokens_per_expert.shape[0])
+        # A cached dispatch repeats the original's shapes, num_worst_tokens padding included.
+        worst = handle.num_worst_tokens if cached else num_worst_tokens
         result, event = self._on_comm_stream(
             lambda: self.backend.dispatch(
                 data,
@@ -449,7 +456,7 @@ class Buffer:
                 handle,
                 num_experts,
                 expert_alignment,
-                num_worst_tokens,
+                worst,
                 config,
             ),
             previous_event,
