@@ -268,6 +268,94 @@ def test_two_pairs_in_flight(engine):
     run_checked(body)
 
 
+def _standard_inputs(eng, seed: int, pattern: str = "random"):
+    """The speed bar's shape: T=128, hidden 7168, top-8 of 288 experts."""
+    E, H, K, T = BENCH_EXPERTS, 7168, 8, MAX_TOKENS
+    bits, _, idx, _, everyone = make_inputs(seed, T, H, K, E, pattern)
+    dev = eng.device
+    return to_torch_bf16(bits, dev).reshape(-1, H), torch.from_numpy(idx).to(dev), everyone
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_standard_shape_hook_pairs(engine, fp8):
+    """Receive hooks at the benchmark's shape (144 local experts per rank at 2 ranks, more
+    experts than blocks): back-to-back send/hook pairs, then two dispatches in flight."""
+    E, H = BENCH_EXPERTS, 7168
+
+    def pairs():
+        for seed in (101, 102, 103):
+            x, topk, everyone = _standard_inputs(engine, seed, "random" if seed != 102 else "holes")
+            d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, fp8, False, False, None, True)
+            assert d.hook is not None
+            d.hook()
+            torch.cuda.synchronize()
+            engine.check()
+            check_dispatch(d, everyone, H, E, MAX_TOKENS, fp8, False, False)
+
+    def in_flight():
+        cases = [_standard_inputs(engine, seed) for seed in (104, 105)]
+        ds = [engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, fp8, False, False, None, True)
+              for c in cases]
+        for d in ds:
+            d.hook()
+        torch.cuda.synchronize()
+        engine.check()
+        for d, c in zip(ds, cases, strict=True):
+            check_dispatch(d, c[2], H, E, MAX_TOKENS, fp8, False, False)
+
+    run_checked(pairs)
+    run_checked(in_flight)  # every rank finished `pairs` first (run_checked agrees collectively)
+
+
+def test_hooks_bench_sequence(engine):
+    """The benchmark's hook row: after a clean, send-only calls issued back to back with their
+    hooks pending (its timer ran the call 1 + 10 times), then the hooks. Buffers alternate, so
+    the 1st, 3rd, ... 11th sends all landed in buffer 0: its count is SET (n) but its arrival
+    counter was ADDED six times (6n), and the first hook timed out ("saw 6n, expected n").
+    Now a dispatch into a buffer whose hook is pending is refused before anything launches."""
+    E, H = BENCH_EXPERTS, 7168
+    old = engine.timeout_s
+    engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
+    engine.timeout_s = 5.0
+    state: dict = {}
+
+    def sends():
+        x, topk, everyone = _standard_inputs(engine, 111)
+        ds, refused = [], []
+        for _ in range(11):
+            try:
+                ds.append(engine.low_latency_dispatch(
+                    x, topk, MAX_TOKENS, E, True, False, False, None, True))
+            except RuntimeError as exc:
+                refused.append(str(exc))
+        for d in ds:
+            d.hook()
+        torch.cuda.synchronize()
+        engine.check()
+        assert len(ds) == 2 and len(refused) == 9, f"{len(ds)} sends issued, {len(refused)} refused"
+        assert "receive hooks" in refused[0], refused[0]
+        for d in ds:
+            check_dispatch(d, everyone, H, E, MAX_TOKENS, True, False, False)
+        with pytest.raises(RuntimeError, match="already called"):
+            ds[0].hook()
+        state["x"], state["topk"], state["everyone"] = x, topk, everyone
+
+    def after():  # the engine goes on normally (run_checked: every rank finished `sends`)
+        d = engine.low_latency_dispatch(
+            state["x"], state["topk"], MAX_TOKENS, E, True, False, False, None, True)
+        d.hook()
+        torch.cuda.synchronize()
+        engine.check()
+        check_dispatch(d, state["everyone"], H, E, MAX_TOKENS, True, False, False)
+
+    try:
+        run_checked(sends)
+        run_checked(after)
+    finally:
+        engine.timeout_s = old
+        engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
+
+
 def test_zero_copy_and_out(engine):
     def body():
         R = world().size

@@ -10,6 +10,12 @@ Every spin-wait in the kernels gives up after ``timeout_s``; the next call on th
 :meth:`check`) then raises :class:`~mpiep.errors.PeerTimeoutError` naming rank and phase, and
 ``clean_low_latency_buffer`` on every rank recovers.
 
+With ``return_recv_hook`` a buffer stays taken until its hook is called: a third dispatch
+(or combine) while both buffers wait for hooks raises ``RuntimeError`` before anything is
+launched (its sends would land on top of the first call's, whose receive then never sees the
+arrival count it expects and times out). A hook runs once, and not after
+``clean_low_latency_buffer``.
+
 Known limits: a CUDA graph that replays dispatch alone (no combine between two replays) can
 race on the signal reset; capture dispatch and combine together. Duplicate experts inside one
 token's top-k are combined correctly only when the expert returns identical rows for them.
@@ -139,6 +145,10 @@ class LowLatencyEngine:
         self._send, self._recv = core.LL_SEND_PHASE, core.LL_RECV_PHASE
         self._dispatch_buffer = 0
         self._combine_buffer = 0
+        # Per buffer: a send phase was launched there and its receive hook not yet called.
+        self._dispatch_pending = [False, False]
+        self._combine_pending = [False, False]
+        self._generation = 0  # bumped by clean_low_latency_buffer: older hooks are void
 
     # -- configuration -------------------------------------------------------------
     def _num_blocks(self, index: int) -> int:
@@ -183,6 +193,37 @@ class LowLatencyEngine:
             "Call clean_low_latency_buffer on every rank to recover"
         )
 
+    def _claim(self, pending: list[bool], buffer: int, op: str) -> None:
+        """Refuse a call whose buffer still holds sends waiting for their receive hook."""
+        if pending[buffer]:
+            raise RuntimeError(
+                f"low-latency {op}: both buffers hold {op} calls whose receive hooks have not "
+                f"been called (buffer {buffer} is the older); call that hook before the next "
+                f"{op} (at most two {op} calls with return_recv_hook may wait for their hooks)"
+            )
+
+    def _make_hook(
+        self, pending: list[bool], buffer: int, op: str, recv: Callable[[], None]
+    ) -> Callable[[], None]:
+        pending[buffer] = True
+        generation = self._generation
+        called = False
+
+        def hook() -> None:
+            nonlocal called
+            if called:
+                raise RuntimeError(f"this low-latency {op} receive hook was already called")
+            if generation != self._generation:
+                raise RuntimeError(
+                    f"this low-latency {op} receive hook is from before clean_low_latency_buffer"
+                )
+            self.check()
+            called = True
+            pending[buffer] = False
+            recv()
+
+        return hook
+
     # -- dispatch ------------------------------------------------------------------
     def low_latency_dispatch(
         self,
@@ -218,6 +259,7 @@ class LowLatencyEngine:
         layout = torch.empty((EL, R, 2), dtype=torch.int32, device=dev)
         stats = cumulative_local_expert_recv_stats
         buffer = self._dispatch_buffer
+        self._claim(self._dispatch_pending, buffer, "dispatch")
         self._dispatch_buffer ^= 1
 
         def launch(phases: int) -> None:
@@ -233,11 +275,9 @@ class LowLatencyEngine:
         hook: Callable[[], None] | None = None
         if return_recv_hook:
             launch(self._send)
-
-            def hook() -> None:
-                self.check()
-                launch(self._recv)
-
+            hook = self._make_hook(
+                self._dispatch_pending, buffer, "dispatch", lambda: launch(self._recv)
+            )
         else:
             launch(self._send | self._recv)
         handle = LowLatencyHandle(
@@ -271,6 +311,7 @@ class LowLatencyEngine:
         if out is None:
             out = torch.empty((T, H), dtype=torch.bfloat16, device=self.device)
         buffer = self._combine_buffer
+        self._claim(self._combine_pending, buffer, "combine")
         self._combine_buffer ^= 1
         # Zero copy only when x really is the symmetric send area of this call's buffer;
         # otherwise the kernel stages rows there itself where NVSHMEM puts need it.
@@ -288,11 +329,9 @@ class LowLatencyEngine:
         hook: Callable[[], None] | None = None
         if return_recv_hook:
             launch(self._send)
-
-            def hook() -> None:
-                self.check()
-                launch(self._recv)
-
+            hook = self._make_hook(
+                self._combine_pending, buffer, "combine", lambda: launch(self._recv)
+            )
         else:
             launch(self._send | self._recv)
         return out, hook
@@ -314,6 +353,9 @@ class LowLatencyEngine:
         self.ctx.clean()
         self._dispatch_buffer = 0
         self._combine_buffer = 0
+        self._dispatch_pending[:] = [False, False]
+        self._combine_pending[:] = [False, False]
+        self._generation += 1
 
     def destroy(self) -> None:
         """Free the symmetric heap (collective). NVSHMEM stays up for later engines in this

@@ -272,10 +272,6 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
             )
         )
     if dev.type == "cuda" and s.hooks:
-        # Off by default: in this benchmark's sequence the hook-mode receive times out with
-        # arrival counters at 6x the count (open bug, docs/PERFORMANCE.md); --hooks runs it.
-        torch.cuda.synchronize(dev)
-        buf.clean_low_latency_buffer(T, H, E)
         rows += _hook_rows(comm, buf, shape, x, topk_idx, s)
     buf.destroy()
     return rows

@@ -69,9 +69,9 @@ def time_call(
         out_of_time = time.perf_counter() - started > budget_s and i >= 1
         if comm.bcast(out_of_time, root=0):
             break
-    kernel = (
-        comm.allreduce(kernel_time_us(fn, device), op=MPI.MAX) if device.type == "cuda" else 0.0
-    )
+    kernel = 0.0
+    if profile_kernels and device.type == "cuda":
+        kernel = comm.allreduce(kernel_time_us(fn, device), op=MPI.MAX)
     samples = batched or synced
     return {
         "kernel_us": kernel,
