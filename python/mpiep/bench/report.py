@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from mpiep.bench.run import Row
 
-HEADER = (
-    f"{'case':<44} {'shape':<30} {'median us':>10} {'min us':>9} {'synced us':>10} "
-    f"{'kernel us':>10} "
-    f"{'logical GB/s':>12} {'nvlink GB/s':>11}  check"
-)
-
 FOOTNOTE = (
     "GB/s = bytes received per rank / median time (mean over ranks). logical: all rows\n"
     "received, the rank's own included (DeepEP's count); nvlink: rows from other GPUs only.\n"
@@ -21,12 +15,19 @@ FOOTNOTE = (
 
 
 def format_table(title: str, rows: list[Row]) -> str:
-    lines = [title, HEADER, "-" * len(HEADER)]
+    kernels = any(r.time.get("kernel_us", 0.0) > 0 for r in rows)
+    header = (
+        f"{'case':<44} {'shape':<30} {'median us':>10} {'min us':>9} {'synced us':>10} "
+        + (f"{'kernel us':>10} " if kernels else "")
+        + f"{'logical GB/s':>12} {'nvlink GB/s':>11}  check"
+    )
+    lines = [title, header, "-" * len(header)]
     for r in rows:
         t = r.time
         lines.append(
             f"{r.case:<44} {r.shape.label:<30} {t['median_us']:>10.1f} {t['min_us']:>9.1f} "
-            f"{t.get('synced_us', 0.0):>10.1f} {t.get('kernel_us', 0.0):>10.1f} "
-            f"{r.gbps('logical'):>12.2f} {r.gbps('nvlink'):>11.2f}  {r.check}"
+            f"{t.get('synced_us', 0.0):>10.1f} "
+            + (f"{t.get('kernel_us', 0.0):>10.1f} " if kernels else "")
+            + f"{r.gbps('logical'):>12.2f} {r.gbps('nvlink'):>11.2f}  {r.check}"
         )
     return "\n".join(lines)

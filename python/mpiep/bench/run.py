@@ -52,7 +52,7 @@ class Settings:
     backend: str
     num_sms: int | None
     kernel_times: bool = False
-    hooks: bool = False
+    hooks: bool = True
 
 
 def _mean(comm: MPI.Comm, value: float) -> float:
