@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +72,9 @@ def make_inputs(seed: int, T: int, H: int, K: int, E: int, pattern: str = "holes
     rng = np.random.default_rng(seed * 7919 + comm.rank)
     idx, w = oracle.make_routing(rng, T, K, E, comm.size, comm.rank, pattern)
     T = idx.shape[0]
-    x = rng.standard_normal((T, H)).astype(np.float32) * rng.uniform(0.01, 10, (T, 1)).astype(np.float32)
+    x = rng.standard_normal((T, H)).astype(np.float32) * rng.uniform(0.01, 10, (T, 1)).astype(
+        np.float32
+    )
     if T:
         x[0, :128] *= 1e-6  # a block under the 1e-4 amax clamp
     bits = oracle.f32_to_bf16(x)
@@ -95,7 +96,9 @@ def fake_experts(recv_x: torch.Tensor, E: int) -> torch.Tensor:
     el = recv_x.shape[0]
     key = (E, str(recv_x.device))
     if key not in _FACTORS:  # made once, outside any CUDA graph capture (no host copies there)
-        _FACTORS[key] = torch.from_numpy(expert_factor(E)[comm.rank * el : (comm.rank + 1) * el]).to(recv_x.device)
+        _FACTORS[key] = torch.from_numpy(
+            expert_factor(E)[comm.rank * el : (comm.rank + 1) * el]
+        ).to(recv_x.device)
     f = _FACTORS[key]
     return (recv_x.float() * f[:, None, None]).to(torch.bfloat16)
 
@@ -127,14 +130,17 @@ def check_dispatch(res, everyone, H, E, M, fp8, round_scale, ue8m0, stats_before
             rows = start + order
             sbits = everyone[s][0]
             if not fp8:
-                assert np.array_equal(rx[j, rows], sbits[exp.groups[j][s]]), f"expert {j} src {s}: rows"
+                assert np.array_equal(rx[j, rows], sbits[exp.groups[j][s]]), (
+                    f"expert {j} src {s}: rows"
+                )
             else:
                 xs = oracle.bf16_to_f32(sbits[exp.groups[j][s]]).reshape(n, H)
                 q, scale = oracle.per_token_cast_to_fp8(xs, round_scale, ue8m0)
                 got_q = rx[j, rows]
                 assert np.array_equal(sc[j, rows], scale), f"expert {j} src {s}: scales differ"
                 assert np.array_equal(got_q, q), (
-                    f"expert {j} src {s}: fp8 bytes differ at {np.argwhere(got_q != q)[:4].tolist()}"
+                    f"expert {j} src {s}: fp8 bytes differ at "
+                    f"{np.argwhere(got_q != q)[:4].tolist()}"
                 )
     if stats is not None:
         got = stats.cpu().numpy() - stats_before
@@ -174,7 +180,9 @@ def engine():
     device = torch.device("cuda", comm.select_device(torch.cuda.device_count()))
     torch.cuda.set_device(device)
     heap = get_low_latency_rdma_size_hint(MAX_TOKENS, 7168, comm.size, BENCH_EXPERTS)
-    eng = LowLatencyEngine(comm, device, heap, num_qps_per_rank=12, allow_nvlink=True, timeout_s=30.0)
+    eng = LowLatencyEngine(
+        comm, device, heap, num_qps_per_rank=12, allow_nvlink=True, timeout_s=30.0
+    )
     yield eng
     eng.destroy()
 
@@ -183,8 +191,19 @@ def experts_for(R: int) -> int:
     return 8 * R if R > 1 else 16
 
 
-def run_case(eng, seed, T, H, K, fp8=False, round_scale=False, ue8m0=False, pattern="holes",
-             hooks=False, combine=True):
+def run_case(
+    eng,
+    seed,
+    T,
+    H,
+    K,
+    fp8=False,
+    round_scale=False,
+    ue8m0=False,
+    pattern="holes",
+    hooks=False,
+    combine=True,
+):
     R = world().size
     E = experts_for(R)
     bits, xf, idx, w, everyone = make_inputs(seed, T, H, K, E, pattern)
@@ -246,18 +265,33 @@ def test_two_pairs_in_flight(engine):
         cases = []
         for seed in (31, 32):
             bits, xf, idx, w, everyone = make_inputs(seed, 50 + seed, H, K, E)
-            cases.append((to_torch_bf16(bits, dev).reshape(-1, H), torch.from_numpy(idx).to(dev),
-                          torch.from_numpy(w).to(dev), xf, idx, w, everyone))
-        ds = [engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, False, False, False, None, True)
-              for c in cases]
+            cases.append(
+                (
+                    to_torch_bf16(bits, dev).reshape(-1, H),
+                    torch.from_numpy(idx).to(dev),
+                    torch.from_numpy(w).to(dev),
+                    xf,
+                    idx,
+                    w,
+                    everyone,
+                )
+            )
+        ds = [
+            engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, False, False, False, None, True)
+            for c in cases
+        ]
         for d in ds:
             d.hook()
         torch.cuda.synchronize()
         engine.check()
         for d, c in zip(ds, cases, strict=True):
             check_dispatch(d, c[6], H, E, MAX_TOKENS, False, False, False)
-        outs = [engine.low_latency_combine(fake_experts(d.recv_x, E), c[1], c[2], d.handle, False, None, True)
-                for d, c in zip(ds, cases, strict=True)]
+        outs = [
+            engine.low_latency_combine(
+                fake_experts(d.recv_x, E), c[1], c[2], d.handle, False, None, True
+            )
+            for d, c in zip(ds, cases, strict=True)
+        ]
         for _, hook in outs:
             hook()
         torch.cuda.synchronize()
@@ -294,8 +328,10 @@ def test_standard_shape_hook_pairs(engine, fp8):
 
     def in_flight():
         cases = [_standard_inputs(engine, seed) for seed in (104, 105)]
-        ds = [engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, fp8, False, False, None, True)
-              for c in cases]
+        ds = [
+            engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, fp8, False, False, None, True)
+            for c in cases
+        ]
         for d in ds:
             d.hook()
         torch.cuda.synchronize()
@@ -324,8 +360,11 @@ def test_hooks_bench_sequence(engine):
         ds, refused = [], []
         for _ in range(11):
             try:
-                ds.append(engine.low_latency_dispatch(
-                    x, topk, MAX_TOKENS, E, True, False, False, None, True))
+                ds.append(
+                    engine.low_latency_dispatch(
+                        x, topk, MAX_TOKENS, E, True, False, False, None, True
+                    )
+                )
             except RuntimeError as exc:
                 refused.append(str(exc))
         for d in ds:
@@ -342,7 +381,8 @@ def test_hooks_bench_sequence(engine):
 
     def after():  # the engine goes on normally (run_checked: every rank finished `sends`)
         d = engine.low_latency_dispatch(
-            state["x"], state["topk"], MAX_TOKENS, E, True, False, False, None, True)
+            state["x"], state["topk"], MAX_TOKENS, E, True, False, False, None, True
+        )
         d.hook()
         torch.cuda.synchronize()
         engine.check()
@@ -360,9 +400,13 @@ def test_zero_copy_and_out(engine):
     def body():
         R = world().size
         E, H, K = experts_for(R), 2048, 4
-        bits, xf, idx, w, everyone = make_inputs(41, 100, H, K, E)
+        bits, xf, idx, w, _everyone = make_inputs(41, 100, H, K, E)
         dev = engine.device
-        x, topk, weights = to_torch_bf16(bits, dev).reshape(-1, H), torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+        x, topk, weights = (
+            to_torch_bf16(bits, dev).reshape(-1, H),
+            torch.from_numpy(idx).to(dev),
+            torch.from_numpy(w).to(dev),
+        )
         d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
         buf = engine.get_next_low_latency_combine_buffer(d.handle)
         assert buf.shape == (E // R, R * MAX_TOKENS, H) and buf.dtype == torch.bfloat16
@@ -387,8 +431,12 @@ def test_cuda_graph_replay(engine):
         topk_s, w_s = torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
 
         def step():
-            d = engine.low_latency_dispatch(x_s, topk_s, MAX_TOKENS, E, False, False, False, None, False)
-            out, _ = engine.low_latency_combine(fake_experts(d.recv_x, E), topk_s, w_s, d.handle, False, None, False)
+            d = engine.low_latency_dispatch(
+                x_s, topk_s, MAX_TOKENS, E, False, False, False, None, False
+            )
+            out, _ = engine.low_latency_combine(
+                fake_experts(d.recv_x, E), topk_s, w_s, d.handle, False, None, False
+            )
             return d, out
 
         side = torch.cuda.Stream()
@@ -423,8 +471,12 @@ def test_thousand_iterations_identical(engine):
         R = world().size
         E, H, K, T = experts_for(R), 2048, 8, 128
         dev = engine.device
-        bits, xf, idx, w, everyone = make_inputs(71, T, H, K, E, "holes")
-        x, topk, weights = to_torch_bf16(bits, dev).reshape(T, H), torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
+        bits, _xf, idx, w, _everyone = make_inputs(71, T, H, K, E, "holes")
+        x, topk, weights = (
+            to_torch_bf16(bits, dev).reshape(T, H),
+            torch.from_numpy(idx).to(dev),
+            torch.from_numpy(w).to(dev),
+        )
         d0 = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, True, True, False, None, False)
         y = fake_experts(d0.recv_x.float().to(torch.bfloat16), E)
         out0, _ = engine.low_latency_combine(y, topk, weights, d0.handle, False, None, False)
@@ -436,7 +488,9 @@ def test_thousand_iterations_identical(engine):
             bad += (out.view(torch.int16) != out0.view(torch.int16)).sum()
             bad += (d.handle.src_token_idx != d0.handle.src_token_idx).sum()
             # Rows past recv_count are unspecified: mask them without a host sync.
-            bad += ((d.recv_x.view(torch.uint8) != d0.recv_x.view(torch.uint8)) & valid[..., None]).sum()
+            bad += (
+                (d.recv_x.view(torch.uint8) != d0.recv_x.view(torch.uint8)) & valid[..., None]
+            ).sum()
             bad += ((d.recv_x_scales != d0.recv_x_scales) & valid[..., None]).sum()
         torch.cuda.synchronize()
         engine.check()
@@ -474,7 +528,9 @@ def test_timeout_names_rank_and_phase(engine):
     if comm.rank == 0:
         engine.timeout_s = 2.0
         x = torch.randn(8, H, device=engine.device).to(torch.bfloat16)
-        topk = torch.arange(8, device=engine.device).remainder(E).view(8, 1)  # includes rank 1's experts
+        topk = (
+            torch.arange(8, device=engine.device).remainder(E).view(8, 1)
+        )  # includes rank 1's experts
         topk = (topk + E // R).remainder(E)
         engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
         torch.cuda.synchronize()
@@ -532,15 +588,23 @@ def test_speed(engine):
             "device": torch.cuda.get_device_name(dev),
             "gpus": torch.cuda.device_count(),
             "nvlink_peers": engine.nvlink_peers,
-            "dispatch_fp8_us": timed(lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)),
-            "dispatch_bf16_us": timed(lambda: engine.low_latency_dispatch(x, topk, T, E, False, False, False, None, False)),
-            "combine_bf16_us": timed(lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, False)),
+            "dispatch_fp8_us": timed(
+                lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)
+            ),
+            "dispatch_bf16_us": timed(
+                lambda: engine.low_latency_dispatch(x, topk, T, E, False, False, False, None, False)
+            ),
+            "combine_bf16_us": timed(
+                lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, False)
+            ),
             "dispatch_send_hook_us": timed(
                 lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, True),
-                after=lambda r: r.hook()),
+                after=lambda r: r.hook(),
+            ),
             "combine_send_hook_us": timed(
                 lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, True),
-                after=lambda r: r[1]()),
+                after=lambda r: r[1](),
+            ),
         }
         engine.check()
         out_dir = Path(os.environ.get("OUT", "."))
