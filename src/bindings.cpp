@@ -18,7 +18,8 @@ PYBIND11_MODULE(_C, m) {
     } catch (const mpiep::Error& e) {
       if (e.code() == mpiep::ErrorCode::kTimeout) {
         PyErr_SetString(PyExc_TimeoutError, e.what());
-      } else if (e.code() == mpiep::ErrorCode::kInvalidArgument || e.code() == mpiep::ErrorCode::kCapacity) {
+      } else if (e.code() == mpiep::ErrorCode::kInvalidArgument ||
+                 e.code() == mpiep::ErrorCode::kCapacity) {
         PyErr_SetString(PyExc_ValueError, e.what());
       } else {
         error_type(e.what());

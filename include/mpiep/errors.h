@@ -30,17 +30,17 @@ class Error : public std::runtime_error {
 
 }  // namespace mpiep
 
-#define MPIEP_CUDA_CHECK(expr)                                                          \
-  do {                                                                                  \
-    cudaError_t mpiep_err_ = (expr);                                                    \
-    if (mpiep_err_ != cudaSuccess) {                                                    \
-      throw ::mpiep::Error(::mpiep::ErrorCode::kCuda,                                   \
+#define MPIEP_CUDA_CHECK(expr)                                                               \
+  do {                                                                                       \
+    cudaError_t mpiep_err_ = (expr);                                                         \
+    if (mpiep_err_ != cudaSuccess) {                                                         \
+      throw ::mpiep::Error(::mpiep::ErrorCode::kCuda,                                        \
                            std::string(#expr " failed: ") + cudaGetErrorString(mpiep_err_) + \
-                               " at " __FILE__ ":" + std::to_string(__LINE__));         \
-    }                                                                                   \
+                               " at " __FILE__ ":" + std::to_string(__LINE__));              \
+    }                                                                                        \
   } while (0)
 
-#define MPIEP_CHECK_ARG(cond, msg)                                                    \
-  do {                                                                                \
+#define MPIEP_CHECK_ARG(cond, msg)                                                  \
+  do {                                                                              \
     if (!(cond)) throw ::mpiep::Error(::mpiep::ErrorCode::kInvalidArgument, (msg)); \
   } while (0)

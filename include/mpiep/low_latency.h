@@ -24,7 +24,7 @@ namespace mpiep {
 namespace ll {
 
 constexpr size_t kSignalBytes = size_t(1) << 20;  // per half; see kernels for the bound check
-constexpr int kThreads = 512;                      // threads per block of every LL kernel
+constexpr int kThreads = 512;                     // threads per block of every LL kernel
 
 enum Phase : int { kSendPhase = 1, kRecvPhase = 2 };
 // What a timed-out wait was waiting for (reported to Python).
@@ -55,30 +55,30 @@ struct Regions {
 };
 
 struct Common {
-  uint8_t* heap;                // this PE's symmetric heap base
-  uint8_t* const* peer_bases;   // [R] device array: peer heap mapped here (NVLink), or null: puts
+  uint8_t* heap;               // this PE's symmetric heap base
+  uint8_t* const* peer_bases;  // [R] device array: peer heap mapped here (NVLink), or null: puts
   int rank;
   int num_ranks;
-  long long timeout_cycles;     // clock64 cycles a wait may spin
-  ErrorRecord* err;             // host-mapped (device view)
-  int* err_lock;                // device word: 0 until the first timeout; then everyone bails out
+  long long timeout_cycles;  // clock64 cycles a wait may spin
+  ErrorRecord* err;          // host-mapped (device view)
+  int* err_lock;             // device word: 0 until the first timeout; then everyone bails out
 };
 
 struct DispatchParams {
   Common c;
   Regions r;
-  const void* x;             // [T, H] bf16
-  const int64_t* topk_idx;   // [T, K]
+  const void* x;            // [T, H] bf16
+  const int64_t* topk_idx;  // [T, K]
   int num_tokens, num_topk, hidden, max_tokens, num_experts;
   bool fp8, round_scale, ue8m0;
-  void* recv_x;              // [E_local, R*max, H] bf16 or e4m3
-  void* recv_scales;         // [E_local, R*max, H/128] f32 or [.., H/512] i32 (UE8M0), or null
-  int* recv_count;           // [E_local]
-  int* src_token_idx;        // [E_local, R*max]
-  int* layout_range;         // [E_local, R, 2]
-  int* stats;                // [E_local] cumulative, or null
-  int row_bytes;             // stride of a message slot
-  int msg_bytes;             // bytes actually moved per message (multiple of 16)
+  void* recv_x;        // [E_local, R*max, H] bf16 or e4m3
+  void* recv_scales;   // [E_local, R*max, H/128] f32 or [.., H/512] i32 (UE8M0), or null
+  int* recv_count;     // [E_local]
+  int* src_token_idx;  // [E_local, R*max]
+  int* layout_range;   // [E_local, R, 2]
+  int* stats;          // [E_local] cumulative, or null
+  int row_bytes;       // stride of a message slot
+  int msg_bytes;       // bytes actually moved per message (multiple of 16)
   int phases;
   int num_blocks;
 };
@@ -86,12 +86,12 @@ struct DispatchParams {
 struct CombineParams {
   Common c;
   Regions r;
-  const void* y;             // [E_local, R*max, H] bf16
-  const int64_t* topk_idx;   // [T, K]
-  const float* topk_weights; // [T, K]
-  const int* src_token_idx;  // [E_local, R*max] from the dispatch handle
-  const int* layout_range;   // [E_local, R, 2]
-  void* out;                 // [T, H] bf16
+  const void* y;              // [E_local, R*max, H] bf16
+  const int64_t* topk_idx;    // [T, K]
+  const float* topk_weights;  // [T, K]
+  const int* src_token_idx;   // [E_local, R*max] from the dispatch handle
+  const int* layout_range;    // [E_local, R, 2]
+  void* out;                  // [T, H] bf16
   int num_tokens, num_topk, hidden, max_tokens, num_experts;
   bool zero_copy;
   int phases;

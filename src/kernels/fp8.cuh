@@ -30,11 +30,14 @@ __device__ __forceinline__ float scale_from_amax(float amax, bool round_scale) {
   return s;
 }
 
-__device__ __forceinline__ uint32_t ue8m0(float scale) { return (__float_as_uint(scale) >> 23) & 0xFFu; }
+__device__ __forceinline__ uint32_t ue8m0(float scale) {
+  return (__float_as_uint(scale) >> 23) & 0xFFu;
+}
 
 // Two floats to two e4m3 bytes (a in the low byte).
 __device__ __forceinline__ uint16_t cast_pair(float a, float b) {
-  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+  return static_cast<uint16_t>(
+      __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
 }
 
 // 8 bf16 (one int4) -> 8 floats.

@@ -46,8 +46,8 @@ class LowLatencyContext {
       if (allow_nvlink) bases[r] = static_cast<uint8_t*>(p);
     }
     MPIEP_CUDA_CHECK(cudaMalloc(&peer_bases_, size_ * sizeof(uint8_t*)));
-    MPIEP_CUDA_CHECK(cudaMemcpy(peer_bases_, bases.data(), size_ * sizeof(uint8_t*),
-                                cudaMemcpyHostToDevice));
+    MPIEP_CUDA_CHECK(
+        cudaMemcpy(peer_bases_, bases.data(), size_ * sizeof(uint8_t*), cudaMemcpyHostToDevice));
     MPIEP_CUDA_CHECK(cudaHostAlloc(&err_host_, sizeof(ll::ErrorRecord), cudaHostAllocMapped));
     std::memset(const_cast<ll::ErrorRecord*>(err_host_), 0, sizeof(ll::ErrorRecord));
     MPIEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev_),
@@ -232,15 +232,16 @@ class LowLatencyContext {
 }  // namespace
 
 void bind_low_latency(py::module_& m) {
-  m.def("nvshmem_get_unique_id",
-        [] { return py::bytes(nvshmem_rt::get_unique_id()); },
-        "A fresh NVSHMEM unique id (128 bytes); call on one rank and broadcast it.");
-  m.def("nvshmem_init",
-        [](py::bytes uid, int rank, int size, int device, size_t heap_bytes) {
-          nvshmem_rt::init(std::string(uid), rank, size, device, heap_bytes);
-        },
-        py::arg("unique_id"), py::arg("rank"), py::arg("size"), py::arg("device"),
-        py::arg("heap_bytes"));
+  m.def(
+      "nvshmem_get_unique_id", [] { return py::bytes(nvshmem_rt::get_unique_id()); },
+      "A fresh NVSHMEM unique id (128 bytes); call on one rank and broadcast it.");
+  m.def(
+      "nvshmem_init",
+      [](py::bytes uid, int rank, int size, int device, size_t heap_bytes) {
+        nvshmem_rt::init(std::string(uid), rank, size, device, heap_bytes);
+      },
+      py::arg("unique_id"), py::arg("rank"), py::arg("size"), py::arg("device"),
+      py::arg("heap_bytes"));
   m.def("nvshmem_initialized", &nvshmem_rt::initialized);
   m.def("nvshmem_my_pe", &nvshmem_rt::my_pe);
   m.def("nvshmem_n_pes", &nvshmem_rt::n_pes);

@@ -51,7 +51,8 @@ __device__ void recv_phase(const CombineParams& p) {
       int valid = 0;
       for (int k = 0; k < K; ++k) valid += __ldg(p.topk_idx + t * K + k) >= 0;
       bool failed = false;
-      spin_wait(p.c, p.r.comb_arrival + t, false, uint64_t(valid), kWaitCombineData, -1, t, &failed);
+      spin_wait(p.c, p.r.comb_arrival + t, false, uint64_t(valid), kWaitCombineData, -1, t,
+                &failed);
       p.r.comb_arrival[t] = 0;  // every row for t has arrived: nobody writes it again this call
     }
     __syncthreads();
@@ -62,7 +63,8 @@ __device__ void recv_phase(const CombineParams& p) {
         const int64_t e = __ldg(p.topk_idx + t * K + k);
         if (e < 0) continue;
         const float w = __ldg(p.topk_weights + t * K + k);
-        const int4* src = reinterpret_cast<const int4*>(p.r.comb_recv + (size_t(e) * M + t) * H * 2);
+        const int4* src =
+            reinterpret_cast<const int4*>(p.r.comb_recv + (size_t(e) * M + t) * H * 2);
         float f[8];
         fp8::unpack_bf16x8(__ldcg(src + v), f);
 #pragma unroll
@@ -74,7 +76,8 @@ __device__ void recv_phase(const CombineParams& p) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) combine_kernel(const __grid_constant__ CombineParams p) {
+__global__ void __launch_bounds__(kThreads, 2)
+    combine_kernel(const __grid_constant__ CombineParams p) {
   if (p.phases & kSendPhase) send_phase(p);
   if (p.phases & kRecvPhase) recv_phase(p);
 }

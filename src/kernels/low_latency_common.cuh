@@ -45,9 +45,12 @@ enum LoadKind { kPlain, kL2, kReadOnly };
 
 template <LoadKind kind>
 __device__ __forceinline__ int4 load16(const int4* p) {
-  if constexpr (kind == kL2) return __ldcg(p);  // written by peers: bypass L1
-  else if constexpr (kind == kReadOnly) return __ldg(p);
-  else return *p;
+  if constexpr (kind == kL2)
+    return __ldcg(p);  // written by peers: bypass L1
+  else if constexpr (kind == kReadOnly)
+    return __ldg(p);
+  else
+    return *p;
 }
 
 // The warp copies `bytes` (a multiple of 16) with four 16-byte loads in flight per lane.

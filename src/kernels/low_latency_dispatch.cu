@@ -23,7 +23,8 @@ namespace {
 __device__ __forceinline__ void stage_token(const DispatchParams& p, int t) {
   const int H = p.hidden;
   uint8_t* row = p.r.disp_send + size_t(t) * p.row_bytes;
-  const int4* xr = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + size_t(t) * H * 2);
+  const int4* xr =
+      reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + size_t(t) * H * 2);
   if (threadIdx.x == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
   if (!p.fp8) {
     int4* out = reinterpret_cast<int4*>(row + 16);
@@ -61,7 +62,8 @@ __device__ void send_phase(const DispatchParams& p) {
 #pragma unroll 8  // independent loads in flight: topk_idx is L2-resident, latency-bound
     for (int i = lane; i < T * K; i += 32) n += (__ldg(p.topk_idx + i) == e);
     n = min(warp_sum(n), M);  // duplicates beyond capacity are dropped, consistently below
-    if (lane == 0) signal_set(p.c, p.r.disp_count + (e % EL) * R + p.c.rank, uint64_t(n) + 1, e / EL);
+    if (lane == 0)
+      signal_set(p.c, p.r.disp_count + (e % EL) * R + p.c.rank, uint64_t(n) + 1, e / EL);
   }
 
   // (2) stage this block's tokens.
@@ -87,8 +89,8 @@ __device__ void send_phase(const DispatchParams& p) {
 }
 
 // One received message -> row `out_row` of the packed outputs.
-__device__ __forceinline__ void copy_out(const DispatchParams& p, const uint8_t* msg, size_t out_row,
-                                         int lane) {
+__device__ __forceinline__ void copy_out(const DispatchParams& p, const uint8_t* msg,
+                                         size_t out_row, int lane) {
   const int H = p.hidden;
   if (lane == 0) p.src_token_idx[out_row] = __ldcg(reinterpret_cast<const int*>(msg));
   if (!p.fp8) {
@@ -126,7 +128,8 @@ __device__ void recv_phase(const DispatchParams& p) {
   for (int el = g; el < EL; el += groups) {
     for (int s = threadIdx.x; s < R; s += blockDim.x) {
       bool failed = false;
-      uint64_t v = spin_wait(p.c, p.r.disp_count + el * R + s, true, 0, kWaitDispatchCount, s, el, &failed);
+      uint64_t v =
+          spin_wait(p.c, p.r.disp_count + el * R + s, true, 0, kWaitDispatchCount, s, el, &failed);
       int n = failed ? 0 : min(int(v - 1), M);
       if (!failed) {
         spin_wait(p.c, p.r.disp_arrival + el * R + s, false, uint64_t(n), kWaitDispatchData, s, el,
@@ -159,9 +162,13 @@ __device__ void recv_phase(const DispatchParams& p) {
       int lo = 0, hi = R - 1;  // last source whose group starts at or before r
       while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
+        if (s_start[mid] <= r)
+          lo = mid;
+        else
+          hi = mid - 1;
       }
-      const uint8_t* msg = p.r.disp_recv + (size_t(el * R + lo) * M + (r - s_start[lo])) * p.row_bytes;
+      const uint8_t* msg =
+          p.r.disp_recv + (size_t(el * R + lo) * M + (r - s_start[lo])) * p.row_bytes;
       copy_out(p, msg, base + r, lane);
     }
     for (int r = total + sub * blockDim.x + threadIdx.x; r < R * M; r += bpe * blockDim.x) {
@@ -181,7 +188,8 @@ __device__ void recv_phase(const DispatchParams& p) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) dispatch_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(kThreads, 2)
+    dispatch_kernel(const __grid_constant__ DispatchParams p) {
   if (p.phases & kSendPhase) send_phase(p);
   if (p.phases & kRecvPhase) recv_phase(p);
 }

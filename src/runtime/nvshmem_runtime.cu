@@ -1,5 +1,3 @@
-#include "runtime/nvshmem_runtime.h"
-
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -7,6 +5,7 @@
 #include <cstring>
 
 #include "mpiep/errors.h"
+#include "runtime/nvshmem_runtime.h"
 
 namespace mpiep {
 namespace nvshmem_rt {
@@ -40,9 +39,9 @@ void init(const std::string& unique_id, int rank, int size, int device, size_t h
     fail("NVSHMEM is already initialised with another rank/size in this process");
   }
   if (unique_id.size() != sizeof(nvshmemx_uniqueid_t)) {
-    throw Error(ErrorCode::kInvalidArgument,
-                "NVSHMEM unique id must be " + std::to_string(sizeof(nvshmemx_uniqueid_t)) +
-                    " bytes, got " + std::to_string(unique_id.size()));
+    throw Error(ErrorCode::kInvalidArgument, "NVSHMEM unique id must be " +
+                                                 std::to_string(sizeof(nvshmemx_uniqueid_t)) +
+                                                 " bytes, got " + std::to_string(unique_id.size()));
   }
   MPIEP_CUDA_CHECK(cudaSetDevice(device));
   // The heap must hold both halves plus NVSHMEM's own internal allocations.
@@ -66,10 +65,10 @@ void init(const std::string& unique_id, int rank, int size, int device, size_t h
   if (st != 0) {
     fail("NVSHMEM failed to initialise on rank " + std::to_string(rank) + " of " +
          std::to_string(size) + " (status " + std::to_string(st) + ", device " +
-         std::to_string(device) + ", NVSHMEM_REMOTE_TRANSPORT=" +
-         env_or("NVSHMEM_REMOTE_TRANSPORT", "<default>") + ", NVSHMEM_IB_ENABLE_IBGDA=" +
-         env_or("NVSHMEM_IB_ENABLE_IBGDA", "<unset>") + ", NVSHMEM_SYMMETRIC_SIZE=" +
-         env_or("NVSHMEM_SYMMETRIC_SIZE", "<unset>") +
+         std::to_string(device) +
+         ", NVSHMEM_REMOTE_TRANSPORT=" + env_or("NVSHMEM_REMOTE_TRANSPORT", "<default>") +
+         ", NVSHMEM_IB_ENABLE_IBGDA=" + env_or("NVSHMEM_IB_ENABLE_IBGDA", "<unset>") +
+         ", NVSHMEM_SYMMETRIC_SIZE=" + env_or("NVSHMEM_SYMMETRIC_SIZE", "<unset>") +
          "). Rerun with NVSHMEM_DEBUG=INFO to see which transport failed. Common fixes: on one "
          "node without InfiniBand set NVSHMEM_REMOTE_TRANSPORT=none; for IBGDA load nvidia_peermem "
          "and set NVSHMEM_HCA_LIST per local rank; if the symmetric heap does not fit, lower "
@@ -91,7 +90,8 @@ void* alloc(size_t bytes) {
   if (!g_initialized) fail("NVSHMEM is not initialised");
   void* p = nvshmem_malloc(bytes);
   if (p == nullptr) {
-    fail("nvshmem_malloc(" + std::to_string(bytes) + ") failed: raise NVSHMEM_SYMMETRIC_SIZE / "
+    fail("nvshmem_malloc(" + std::to_string(bytes) +
+         ") failed: raise NVSHMEM_SYMMETRIC_SIZE / "
          "NVSHMEM_MAX_MEMORY_PER_GPU or lower num_rdma_bytes");
   }
   return p;

@@ -18,8 +18,8 @@ void init(const std::string& unique_id, int rank, int size, int device, size_t h
 bool initialized();
 int my_pe();
 int n_pes();
-void* alloc(size_t bytes);  // collective: same size on every PE
-void release(void* ptr);    // collective
+void* alloc(size_t bytes);          // collective: same size on every PE
+void release(void* ptr);            // collective
 void* peer_ptr(void* ptr, int pe);  // NVLink-mapped address of ptr on pe, or null
 void barrier_all();
 void finalize();

@@ -15,11 +15,14 @@ void bind_runtime(py::module_& m) {
     MPIEP_CUDA_CHECK(cudaRuntimeGetVersion(&version));
     return version;
   });
-  m.def("device_count", [] {
-    int count = 0;
-    cudaError_t err = cudaGetDeviceCount(&count);
-    return err == cudaSuccess ? count : 0;
-  }, "Number of CUDA devices visible (0 when no driver is present).");
+  m.def(
+      "device_count",
+      [] {
+        int count = 0;
+        cudaError_t err = cudaGetDeviceCount(&count);
+        return err == cudaSuccess ? count : 0;
+      },
+      "Number of CUDA devices visible (0 when no driver is present).");
 }
 
 }  // namespace mpiep
