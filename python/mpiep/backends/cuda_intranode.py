@@ -111,8 +111,7 @@ class IntranodeEngine:
 
     # -- layout --------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
-        rt = self._runtime()
-        del rt
+        self._runtime()  # raises after destroy()
         topk_idx = topk_idx.contiguous()
         num_tokens, num_topk = topk_idx.shape
         R = self.num_ranks

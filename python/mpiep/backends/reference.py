@@ -233,7 +233,6 @@ class ReferenceBackend:
         bias: tuple[torch.Tensor, ...],
         config: Config,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rank = self.comm.rank
         num_recv = handle.num_recv_tokens
         hidden = x.shape[1]
         # Received rows are grouped by source rank: send each group back to its source.
@@ -254,7 +253,7 @@ class ReferenceBackend:
         ).wait()
         fields = torch.split(recv, widths, dim=1)
         rows = _from_bytes(fields[0], x.dtype, (recv.shape[0], hidden)).float()
-        dest, token = torch.nonzero(in_rank.t(), as_tuple=True)  # same order the rows arrive in
+        _, token = torch.nonzero(in_rank.t(), as_tuple=True)  # same order the rows arrive in
         out = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32)
         out.index_add_(0, token, rows)
         for b in bias:
@@ -266,7 +265,6 @@ class ReferenceBackend:
             combined_weights = torch.zeros(handle.num_tokens, num_topk, dtype=torch.float32)
             combined_weights.index_add_(0, token, w)
             combined_weights = combined_weights.to(self.device)
-        del dest, rank
         return out.to(torch.bfloat16).to(self.device), combined_weights
 
     # -- low-latency mode --------------------------------------------------------------
