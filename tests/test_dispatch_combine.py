@@ -116,20 +116,26 @@ def recv_numpy(recv_x: Any) -> dict[str, np.ndarray]:
     return {"x": bf16_bits(recv_x)}
 
 
-def full_dispatch(buf: Any, case: Case, **kwargs: Any) -> tuple[Any, ...]:
-    """get_dispatch_layout then dispatch, as a DeepEP user does."""
-    idx = torch.from_numpy(case.idx)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+def layout_dispatch(
+    buf: Any, x: Any, idx: np.ndarray, w: np.ndarray, num_experts: int, **kwargs: Any
+) -> tuple[Any, ...]:
+    """get_dispatch_layout then dispatch, as a DeepEP user does (numpy routing in)."""
+    topk_idx = torch.from_numpy(idx)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
     return buf.dispatch(
-        case.x,
+        x,
         num_tokens_per_rank=per_rank,
         num_tokens_per_rdma_rank=per_rdma,
         is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert,
-        topk_idx=idx,
-        topk_weights=torch.from_numpy(case.weights),
+        topk_idx=topk_idx,
+        topk_weights=torch.from_numpy(w),
         **kwargs,
     )
+
+
+def full_dispatch(buf: Any, case: Case, **kwargs: Any) -> tuple[Any, ...]:
+    return layout_dispatch(buf, case.x, case.idx, case.weights, case.num_experts, **kwargs)
 
 
 def check_recv_rows(got: Any, want: dict[str, np.ndarray], num_rows: int) -> None:
@@ -460,18 +466,7 @@ def test_backward_identity_ones(
     ones = torch.ones((num_tokens, 2048), dtype=torch.bfloat16)
     buf = make_buffer(group)
     with collective_check(group):
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(
-            torch.from_numpy(idx), num_experts
-        )
-        recv_x, _, recv_w, _, handle, _ = buf.dispatch(
-            ones,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=torch.from_numpy(idx),
-            topk_weights=torch.from_numpy(w),
-        )
+        recv_x, _, recv_w, _, handle, _ = layout_dispatch(buf, ones, idx, w, num_experts)
         combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
         assert torch.all(recv_x == 1)
         want = np.repeat(want_counts[:, None].astype(np.float32), 2048, axis=1)
@@ -492,19 +487,8 @@ def test_dispatch_and_combine_are_adjoint(
     buf = make_buffer()
     sums = np.zeros(2)
     with collective_check(comm):
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(
-            torch.from_numpy(idx), num_experts
-        )
         x = torch.zeros((20, hidden), dtype=torch.bfloat16)
-        recv_x, _, _, _, handle, _ = buf.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=torch.from_numpy(idx),
-            topk_weights=torch.from_numpy(w),
-        )
+        recv_x, _, _, _, handle, _ = layout_dispatch(buf, x, idx, w, num_experts)
         n = recv_x.shape[0]
         y = torch.from_numpy(rng.integers(-3, 4, (n, hidden)).astype(np.float32)).bfloat16()
         combined, _, _ = buf.combine(y, handle)
@@ -535,18 +519,7 @@ def test_all_tokens_to_one_rank_and_one_rank_empty(
     want_rows = recv.rows([d["x"] for d in all_x])
     buf = make_buffer()
     with collective_check(comm):
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(
-            torch.from_numpy(idx), num_experts
-        )
-        recv_x, _, _, counts, handle, _ = buf.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=torch.from_numpy(idx),
-            topk_weights=torch.from_numpy(w),
-        )
+        recv_x, _, _, counts, handle, _ = layout_dispatch(buf, x, idx, w, num_experts)
         combined, _, _ = buf.combine(recv_x, handle)
         assert tuple(recv_x.shape) == (recv.num_rows, 7168)
         assert (recv.num_rows > 0) == (rank == 0)
@@ -582,18 +555,7 @@ def test_empty_tensors_with_zero_strides(
     want = oracle.normal_combine(comm.rank, num_tokens, recv_all, all_y)
     buf = make_buffer()
     with collective_check(comm):
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(
-            torch.from_numpy(idx), num_experts
-        )
-        recv_x, _, _, _, handle, _ = buf.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=torch.from_numpy(idx),
-            topk_weights=torch.from_numpy(w),
-        )
+        recv_x, _, _, _, handle, _ = layout_dispatch(buf, x, idx, w, num_experts)
         combined, _, _ = buf.combine(y, handle)
         assert tuple(recv_x.shape) == (n, hidden)
         assert_sum_close(combined, want)
