@@ -31,8 +31,11 @@ NP=${MPIEP_NP:-$(( ngpu < 2 ? 2 : ngpu ))}
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$NP"
   -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
   -x PYTHONUNBUFFERED -x PYTHONPATH -x MPIEP_TIMEOUT_S -x MPIEP_ALLOW_GPU_SHARING
-  -x CUDA_MPS_PIPE_DIRECTORY -x CUDA_MPS_LOG_DIRECTORY)
+  -x CUDA_MPS_PIPE_DIRECTORY -x CUDA_MPS_LOG_DIRECTORY -x NVSHMEM_SYMMETRIC_SIZE
+  -x MPIEP_INTERNODE_FORCE_PUTS -x MPIEP_NVSHMEM_BOOTSTRAP -x MPIEP_RANKS_PER_NODE)
 export MPIEP_TIMEOUT_S=${MPIEP_TIMEOUT_S:-60}
+# One NVSHMEM heap per process, sized at its first init: room for every Buffer the tests make.
+export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-$((8 << 30))}
 
 if (( NP > ngpu )); then
   # Several ranks on one GPU: MPS lets their kernels run side by side, so a kernel
@@ -62,8 +65,8 @@ fi
 if [[ $steps == *test* ]]; then
   note "GPU tests on $NP ranks"
   timeout "${MPIEP_TEST_TIMEOUT:-420}" "${MPIRUN[@]}" python3 -m pytest --with-mpi -m gpu --maxfail=5 -q \
-    -p no:cacheprovider ${MPIEP_GPU_TESTS:-tests/} >"$OUT/gpu_tests.log" 2>&1
-  rc=$?; tail -25 "$OUT/gpu_tests.log"; note "GPU tests exit $rc"; (( rc )) && status=1
+    -p no:cacheprovider ${MPIEP_GPU_TESTS:-tests/} >"$OUT/gpu_tests_np$NP.log" 2>&1
+  rc=$?; tail -25 "$OUT/gpu_tests_np$NP.log"; note "GPU tests on $NP ranks exit $rc"; (( rc )) && status=1
 fi
 
 if [[ $steps == *bench* ]]; then

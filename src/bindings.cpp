@@ -30,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   mpiep::bind_runtime(m);
   mpiep::bind_intranode(m);
   mpiep::bind_low_latency(m);
+  mpiep::bind_internode(m);
 }

@@ -9,5 +9,6 @@ namespace mpiep {
 void bind_runtime(pybind11::module_& m);      // src/runtime/runtime_bindings.cpp
 void bind_intranode(pybind11::module_& m);    // src/kernels/intranode_bindings.cpp
 void bind_low_latency(pybind11::module_& m);  // src/kernels/low_latency_bindings.cpp
+void bind_internode(pybind11::module_& m);    // src/bindings/internode_bindings.cpp
 
 }  // namespace mpiep

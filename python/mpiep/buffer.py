@@ -59,6 +59,10 @@ class Buffer:
             device sync and an MPI allgather); env MPIEP_VALIDATE=0/1.
         device: the CUDA device to use (default: local rank modulo visible devices), or
             "cpu" to force CPU tensors.
+        nvshmem_bootstrap: how NVSHMEM starts (GPU internode and low-latency modes): "uid"
+            (a unique id broadcast over MPI, any MPI), "mpi" (NVSHMEM's MPI bootstrap plugin
+            on this communicator, Open MPI only, no sockets of NVSHMEM's own) or "auto";
+            env MPIEP_NVSHMEM_BOOTSTRAP, default "uid". `mpiep doctor` says which loads.
     """
 
     num_sms: int = 24
@@ -80,6 +84,7 @@ class Buffer:
         timeout_s: float | None = None,
         validate: bool | None = None,
         device: str | torch.device | None = None,
+        nvshmem_bootstrap: str | None = None,
     ) -> None:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0:
@@ -99,6 +104,7 @@ class Buffer:
         self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
         self.allow_mnnvl = allow_mnnvl
         self.explicitly_destroy = explicitly_destroy
+        self.nvshmem_bootstrap = nvshmem_bootstrap
         self.device = self._pick_device(device)
         self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.backend: Backend = self._make_backend(backend)
@@ -407,6 +413,15 @@ class Buffer:
                 val.check_tensor(
                     "num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, self.device
                 )
+                if num_tokens_per_rdma_rank is not None:
+                    val.check_tensor(
+                        "num_tokens_per_rdma_rank",
+                        num_tokens_per_rdma_rank,
+                        torch.int32,
+                        1,
+                        self.device,
+                        (self.num_nodes,),
+                    )
                 val.check_tensor(
                     "is_token_in_rank",
                     is_token_in_rank,

@@ -129,6 +129,59 @@ def get_low_latency_rdma_size_hint(
     return 2 * _align(per_buffer, 4096)
 
 
+# -- internode normal mode (include/mpiep/internode.h mirrors these; tests compare them) --
+INTERNODE_MAX_LOCAL_EXPERTS = 1024
+INTERNODE_CHUNKS_PER_SOURCE = 4096
+
+
+def internode_rdma_control_bytes(num_ranks: int, num_nodes: int) -> int:
+    """Bytes of the symmetric control area (flags, the notify's count rows and staging)."""
+    r, n = num_ranks, num_nodes
+    parts = [
+        r * 8,  # notify flags: count rows
+        r * 8,  # notify flags: expert counts
+        n * 8,  # barrier flags
+        n * INTERNODE_CHUNKS_PER_SOURCE * 8,  # dispatch chunk flags
+        n * INTERNODE_CHUNKS_PER_SOURCE * 8,  # combine chunk flags
+        2 * r * (r + n + 1) * 4,  # count rows, double-buffered
+        2 * r * INTERNODE_MAX_LOCAL_EXPERTS * 4,  # expert counts, double-buffered
+        (r + n + 1 + r * INTERNODE_MAX_LOCAL_EXPERTS) * 4,  # staging of my own
+    ]
+    return _align(sum(_align(p, 128) for p in parts), 4096)
+
+
+def internode_rdma_row_bytes(hidden: int, num_topk: int, ranks_per_node: int, fp8: bool) -> int:
+    """Bytes of one token row in the RDMA area: data, FP8 scales, top-k, source, positions."""
+    data = hidden * (1 if fp8 else 2)
+    scales = (hidden // FP8_BLOCK) * 4 if fp8 else 0
+    return _align(data) + _align(scales) + _align((2 * num_topk + 1 + ranks_per_node) * 4)
+
+
+def get_internode_rdma_size_hint(
+    num_max_tokens_per_rank: int,
+    hidden: int,
+    num_ranks: int,
+    ranks_per_node: int,
+    num_topk: int = 8,
+) -> int:
+    """``num_rdma_bytes`` for normal mode across nodes that no routing can overflow.
+
+    A rank receives over RDMA at most ``max_tokens`` rows from each of the ``N`` nodes (as
+    the forwarder of its node) and sends at most that many (its staged puts), BF16 rows
+    with their metadata. Routing that spreads tokens over ``G`` of ``N`` nodes needs about
+    ``G / N`` of this; a smaller buffer works as long as no call exceeds it (a call that
+    does raises ``CapacityError`` on every rank).
+    """
+    if num_ranks % ranks_per_node:
+        raise ValueError(
+            f"ranks_per_node ({ranks_per_node}) must divide the rank count ({num_ranks})"
+        )
+    nodes = num_ranks // ranks_per_node
+    row = internode_rdma_row_bytes(hidden, num_topk, ranks_per_node, fp8=False)
+    data = 2 * nodes * num_max_tokens_per_rank * row
+    return internode_rdma_control_bytes(num_ranks, nodes) + _align(data, 4096)
+
+
 # Defaults per EP size, from the tuner's first runs; `mpiep tune` can override them.
 _DEFAULT_DISPATCH = {2: Config(24, 6, 256), 4: Config(24, 6, 256), 8: Config(24, 6, 256)}
 _DEFAULT_COMBINE = {2: Config(24, 10, 256), 4: Config(24, 9, 256), 8: Config(24, 4, 256)}

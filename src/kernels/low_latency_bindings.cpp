@@ -242,6 +242,15 @@ void bind_low_latency(py::module_& m) {
       },
       py::arg("unique_id"), py::arg("rank"), py::arg("size"), py::arg("device"),
       py::arg("heap_bytes"));
+  m.def(
+      "nvshmem_init_mpi",
+      [](uint64_t mpi_comm, int rank, int size, int device, size_t heap_bytes) {
+        nvshmem_rt::init_with_mpi_comm(mpi_comm, rank, size, device, heap_bytes);
+      },
+      py::arg("mpi_comm"), py::arg("rank"), py::arg("size"), py::arg("device"),
+      py::arg("heap_bytes"),
+      "Initialise NVSHMEM through its MPI bootstrap plugin on the MPI_Comm handle value.");
+  m.def("nvshmem_bootstrap", &nvshmem_rt::bootstrap, "'uid', 'mpi', or '' before init.");
   m.def("nvshmem_initialized", &nvshmem_rt::initialized);
   m.def("nvshmem_my_pe", &nvshmem_rt::my_pe);
   m.def("nvshmem_n_pes", &nvshmem_rt::n_pes);

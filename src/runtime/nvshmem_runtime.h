@@ -15,6 +15,11 @@ std::string get_unique_id();  // 128 opaque bytes (call on one rank, broadcast o
 // Initialises NVSHMEM on `device` as PE `rank` of `size`; throws mpiep::Error(kNvshmem) with a
 // readable hint when NVSHMEM cannot start. heap_bytes sets NVSHMEM_SYMMETRIC_SIZE when unset.
 void init(const std::string& unique_id, int rank, int size, int device, size_t heap_bytes);
+// The same through NVSHMEM's MPI bootstrap plugin (nvshmem_bootstrap_mpi.so.3, built against
+// Open MPI): `mpi_comm` is the MPI_Comm handle value (mpi4py's MPI._handleof(comm)). No sockets
+// of NVSHMEM's own; throws mpiep::Error(kNvshmem) when the plugin does not load.
+void init_with_mpi_comm(uint64_t mpi_comm, int rank, int size, int device, size_t heap_bytes);
+std::string bootstrap();  // "uid", "mpi", or "" before init
 bool initialized();
 int my_pe();
 int n_pes();

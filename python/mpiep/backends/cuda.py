@@ -1,19 +1,25 @@
-"""The CUDA backend: normal mode on the intranode kernels, low-latency on NVSHMEM.
+"""The CUDA backend: a router over the GPU engines of ``mpiep._C``.
 
-A thin router. The engines (``cuda_intranode.IntranodeEngine`` and
-``cuda_low_latency.LowLatencyEngine``) hold the buffers and launch the kernels of
-``mpiep._C``. Normal mode across several nodes has no GPU kernel yet and runs on
-the reference path over the same tensors.
+* normal mode, one node: ``cuda_intranode.IntranodeEngine`` (CUDA IPC);
+* normal mode, several (possibly virtual) nodes: ``cuda_internode.InternodeEngine``
+  (NVLink + NVSHMEM RDMA with forwarding);
+* low-latency mode: ``cuda_low_latency.LowLatencyEngine`` (NVSHMEM).
+
+No call falls back to the reference backend: a mode the Buffer was not sized for raises
+a clear error instead.
 """
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpiep.backends.reference import ReferenceBackend
+from mpiep.backends.base import DispatchResult, Layout, LowLatencyDispatchResult
+from mpiep.config import Config
+from mpiep.errors import CapacityError
+from mpiep.handles import DispatchHandle, LowLatencyHandle
 
 if TYPE_CHECKING:
     from mpiep.buffer import Buffer
@@ -31,7 +37,7 @@ def unavailable_reason(device: torch.device) -> str | None:
             "reinstall with nvcc and NVSHMEM present"
         )
     try:
-        from mpiep.backends import cuda_intranode, cuda_low_latency  # noqa: F401
+        from mpiep.backends import cuda_internode, cuda_intranode, cuda_low_latency  # noqa: F401
     except ImportError as exc:
         return f"the CUDA engines failed to import: {exc}"
     return None
@@ -41,24 +47,39 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, buffer: Buffer) -> None:
+        from mpiep.backends.cuda_internode import InternodeEngine
         from mpiep.backends.cuda_intranode import IntranodeEngine
         from mpiep.backends.cuda_low_latency import LowLatencyEngine
 
         comm, device = buffer.comm, buffer.device
-        self.normal: Any
-        if comm.num_nodes > 1:
-            warnings.warn(
-                "mpiep: normal mode across nodes has no GPU kernel yet; "
-                "it runs on the reference path",
-                stacklevel=4,
+        self.comm = comm
+        self.device = device
+        internode = comm.num_nodes > 1
+        use_normal = buffer.num_nvl_bytes > 0 and (not internode or buffer.num_rdma_bytes > 0)
+        # Everything this Buffer takes from the NVSHMEM heap, sized at NVSHMEM's first init.
+        heap = buffer.num_rdma_bytes * (
+            int(internode and use_normal) + int(buffer.low_latency_mode)
+        )
+        self.normal: Any = None
+        self.normal_missing = (
+            "normal-mode dispatch needs an NVLink buffer: create the Buffer with num_nvl_bytes > 0"
+            if buffer.num_nvl_bytes <= 0
+            else "normal mode across nodes needs an RDMA buffer too: create the Buffer with "
+            "num_rdma_bytes > 0 (mpiep.config.get_internode_rdma_size_hint)"
+        )
+        if use_normal and internode:
+            self.normal = InternodeEngine(
+                comm,
+                device,
+                buffer.num_nvl_bytes,
+                buffer.num_rdma_bytes,
+                comm.timeout_s,
+                buffer.num_qps_per_rank,
+                heap_bytes=heap,
+                nvshmem_bootstrap=buffer.nvshmem_bootstrap,
             )
-            self.normal = ReferenceBackend(
-                comm, device, buffer.num_nvl_bytes, buffer.num_rdma_bytes
-            )
-        elif buffer.num_nvl_bytes > 0:
+        elif use_normal:
             self.normal = IntranodeEngine(comm, device, buffer.num_nvl_bytes, comm.timeout_s)
-        else:
-            self.normal = ReferenceBackend(comm, device, 0, buffer.num_rdma_bytes)
         self.low_latency: Any = None
         if buffer.low_latency_mode:
             self.low_latency = LowLatencyEngine(
@@ -68,19 +89,61 @@ class CudaBackend:
                 buffer.num_qps_per_rank,
                 buffer.allow_nvlink_for_low_latency_mode,
                 comm.timeout_s,
+                heap_bytes=heap,
+                nvshmem_bootstrap=buffer.nvshmem_bootstrap,
             )
 
-    def __getattr__(self, name: str) -> Any:
-        if name in ("get_dispatch_layout", "dispatch", "combine"):
-            return getattr(self.normal, name)
-        if name.startswith("low_latency") or name in (
-            "get_next_low_latency_combine_buffer",
-            "clean_low_latency_buffer",
-        ):
-            if self.low_latency is None:
-                raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
-            return getattr(self.low_latency, name)
-        raise AttributeError(name)
+    # -- routing -------------------------------------------------------------------------
+    def _normal(self) -> Any:
+        if self.normal is None:
+            raise CapacityError(self.normal_missing)
+        return self.normal
+
+    def _ll(self) -> Any:
+        if self.low_latency is None:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        return self.low_latency
+
+    # -- normal mode ---------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        if self.normal is not None:
+            return self.normal.get_dispatch_layout(topk_idx, num_experts)
+        # The layout needs no buffers: compute it without a normal-mode engine.
+        from mpiep import _C
+        from mpiep.backends.cuda_internode import internode_layout
+
+        stream = int(torch.cuda.current_stream(self.device).cuda_stream)
+        return internode_layout(
+            _C, topk_idx, num_experts, self.comm.size, self.comm.local_size, stream
+        )
+
+    def dispatch(self, *args: Any) -> DispatchResult:
+        return self._normal().dispatch(*args)
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        config: Config,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._normal().combine(x, handle, topk_weights, bias, config)
+
+    # -- low-latency mode ----------------------------------------------------------------
+    def low_latency_dispatch(self, *args: Any) -> LowLatencyDispatchResult:
+        return self._ll().low_latency_dispatch(*args)
+
+    def low_latency_combine(self, *args: Any) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        return self._ll().low_latency_combine(*args)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        return self._ll().get_next_low_latency_combine_buffer(handle)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        self._ll().clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def destroy(self) -> None:
         for engine in (self.low_latency, self.normal):

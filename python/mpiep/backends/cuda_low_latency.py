@@ -1,8 +1,8 @@
 """GPU low-latency mode over NVSHMEM (DeepEP-style API), used by the CUDA backend.
 
 ``LowLatencyEngine`` owns the NVSHMEM symmetric heap of one Buffer. NVSHMEM itself is
-initialised once per process from a unique id that rank 0 creates and the MPI layer
-broadcasts (``Communicator.bcast_bytes``); torch.distributed is never used.
+initialised once per process over MPI (``backends/nvshmem_boot.py``: a unique id that the
+MPI layer broadcasts, or NVSHMEM's MPI bootstrap plugin); torch.distributed is never used.
 
 Buffers alternate between the two halves of the heap: dispatch calls and combine calls each
 toggle their own index, so two dispatch/combine pairs can be in flight (with receive hooks).
@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 
 from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.nvshmem_boot import core as nvshmem_core
+from mpiep.backends.nvshmem_boot import finalize_nvshmem, init_nvshmem  # noqa: F401 (re-export)
 from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle
@@ -41,63 +43,10 @@ _WAIT_PHASES = {
 
 
 def _core():
-    from mpiep import _C  # type: ignore[attr-defined]
-
-    if not hasattr(_C, "LowLatencyContext"):
+    c = nvshmem_core()
+    if not hasattr(c, "LowLatencyContext"):
         raise RuntimeError("mpiep._C was built without the low-latency kernels")
-    return _C
-
-
-def configure_nvshmem_env(num_qps_per_rank: int) -> None:
-    """NVSHMEM reads its environment at init: set it before the first engine starts.
-
-    NVLink SHARP (NVLS) is always off (it can take shared hosts' GPUs out of service);
-    multi-node NVLink is off unless ``MPIEP_ENABLE_MNNVL=1``. The rest are defaults the user
-    may override: IBGDA on, ``num_qps_per_rank`` RC QPs per peer, QP depth 1024 (it must
-    exceed 2 x (max tokens + 1) work requests in flight).
-    """
-    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-    if os.environ.get("MPIEP_ENABLE_MNNVL") != "1":
-        os.environ["NVSHMEM_DISABLE_MNNVL"] = "1"
-    os.environ.setdefault("NVSHMEM_IB_ENABLE_IBGDA", "1")
-    os.environ.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(num_qps_per_rank))
-    os.environ.setdefault("NVSHMEM_QP_DEPTH", "1024")
-    os.environ.setdefault("NVSHMEM_MAX_TEAMS", "7")
-
-
-def init_nvshmem(
-    comm: Communicator, device_index: int, heap_bytes: int, num_qps_per_rank: int
-) -> None:
-    """Initialise NVSHMEM on every rank of ``comm`` (collective; once per process)."""
-    core = _core()
-    if core.nvshmem_initialized():
-        if core.nvshmem_my_pe() != comm.rank or core.nvshmem_n_pes() != comm.size:
-            raise RuntimeError(
-                f"NVSHMEM already runs as PE {core.nvshmem_my_pe()} of {core.nvshmem_n_pes()} in "
-                f"this process; a low-latency Buffer on rank {comm.rank} of {comm.size} "
-                "cannot reuse it"
-            )
-        return
-    configure_nvshmem_env(num_qps_per_rank)
-    uid: bytes | None = None
-    error = ""
-    if comm.rank == 0:
-        try:
-            uid = bytes(core.nvshmem_get_unique_id())
-        except Exception as exc:  # told to every rank below, so none waits in init
-            error = str(exc)
-            uid = b""
-    uid = comm.bcast_bytes(uid, 0, "low-latency: NVSHMEM unique id")
-    if not uid:
-        raise RuntimeError(f"rank 0 could not create an NVSHMEM unique id: {error or 'see rank 0'}")
-    core.nvshmem_init(uid, comm.rank, comm.size, device_index, heap_bytes)
-
-
-def finalize_nvshmem() -> None:
-    """Finalise NVSHMEM in this process (collective); engines must be destroyed first."""
-    core = _core()
-    if core.nvshmem_initialized():
-        core.nvshmem_finalize()
+    return c
 
 
 class _DeviceView:
@@ -123,6 +72,8 @@ class LowLatencyEngine:
         num_qps_per_rank: int,
         allow_nvlink: bool,
         timeout_s: float,
+        heap_bytes: int | None = None,
+        nvshmem_bootstrap: str | None = None,
     ) -> None:
         self.comm = comm
         self.device = torch.device(device)
@@ -138,7 +89,10 @@ class LowLatencyEngine:
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.allow_nvlink = bool(allow_nvlink)
         core = _core()
-        init_nvshmem(comm, index, self.num_rdma_bytes, num_qps_per_rank)
+        # heap_bytes: what the whole Buffer takes from the heap (internode mode too).
+        self.bootstrap = init_nvshmem(
+            comm, index, heap_bytes or self.num_rdma_bytes, num_qps_per_rank, nvshmem_bootstrap
+        )
         self.ctx = core.LowLatencyContext(
             index, self.num_rdma_bytes, self.allow_nvlink, self._num_blocks(index), float(timeout_s)
         )
