@@ -40,6 +40,20 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def cuda_include_dir(nvcc: str) -> Path:
+    """CUDA's headers for host-only compiles (nvcc may be a wrapper script elsewhere)."""
+    candidates = [Path(nvcc).resolve().parent.parent / "include"]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates += [Path("/usr/local/cuda/include")]
+    candidates += sorted(Path(p) for p in glob.glob("/usr/local/cuda-*/include"))
+    for c in candidates:
+        if (c / "cuda_runtime.h").exists():
+            return c
+    raise SystemExit(f"[mpiep setup] cuda_runtime.h not found (looked in {candidates})")
+
+
 def find_nvshmem() -> Path | None:
     candidates: list[Path] = []
     if os.environ.get("NVSHMEM_DIR"):
@@ -57,8 +71,35 @@ def find_nvshmem() -> Path | None:
 
 
 def core_sources() -> list[str]:
+    """Everything under src/ except the torch op layer (src/ops/, built as mpiep._ops)."""
     found = glob.glob("src/**/*.cu", recursive=True) + glob.glob("src/**/*.cpp", recursive=True)
-    return sorted(found)
+    return sorted(f for f in found if not f.startswith("src/ops/"))
+
+
+def ops_sources() -> list[str]:
+    return sorted(glob.glob("src/ops/*.cpp"))
+
+
+def torch_build_info() -> dict | None:
+    """Include/library paths and ABI flags of the installed torch, or None without torch."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return None
+    abi = int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
+    flags = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    # The pybind11 ABI of torch's own bindings, as torch's BuildExtension passes it.
+    for name in ("COMPILER_TYPE", "STDLIB", "BUILD_ABI"):
+        value = getattr(torch._C, f"_PYBIND11_{name}", None)
+        if value is not None:
+            flags.append(f'-DPYBIND11_{name}="{value}"')
+    return {
+        "version": torch.__version__,
+        "include": cpp_extension.include_paths(),
+        "lib": cpp_extension.library_paths(),
+        "flags": flags,
+    }
 
 
 class BuildCore(build_ext):
@@ -69,6 +110,9 @@ class BuildCore(build_ext):
     """
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "mpiep._ops":
+            self.build_ops(ext)
+            return
         nvcc = ext.nvcc  # type: ignore[attr-defined]
         nvshmem = ext.nvshmem  # type: ignore[attr-defined]
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -126,11 +170,68 @@ class BuildCore(build_ext):
                 "-l:libnvshmem_host.so.3",
                 "-cudart=static",
                 f"-Xlinker=-rpath,{nvshmem_lib}",
+                # mpiep._ops links against the core by this name (see build_ops).
+                f"-Xlinker=-soname,{out.name}",
                 "-o",
                 str(out),
             ]
         )
         log(f"built the CUDA core {out.name} for {arch} with NVSHMEM from {nvshmem}")
+
+    def build_ops(self, ext: Extension) -> None:
+        """The torch op layer: host C++ (g++) against torch and the core built just before."""
+        info = ext.torch  # type: ignore[attr-defined]
+        cuda_include = cuda_include_dir(ext.nvcc)  # type: ignore[attr-defined]
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        core = Path(self.get_ext_fullpath("mpiep._C")).resolve()
+        tmp = Path(self.build_temp).resolve() / "ops"
+        tmp.mkdir(parents=True, exist_ok=True)
+        cxx = os.environ.get("CXX", "g++")
+        includes = [
+            *info["include"],
+            ROOT / "include",
+            ROOT / "src",
+            cuda_include,
+            Path(sysconfig.get_paths()["include"]),
+        ]
+        common = [
+            "-std=c++17",
+            "-O3",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-DNDEBUG",
+            "-DTORCH_EXTENSION_NAME=_ops",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *info["flags"],
+        ] + [f"-I{p}" for p in includes]
+        objects = []
+        for src in ext.sources:
+            obj = tmp / (src.replace("/", "_") + ".o")
+            objects.append(str(obj))
+            if obj.exists() and obj.stat().st_mtime > max(
+                Path(src).stat().st_mtime, newest_header_mtime()
+            ):
+                continue
+            self.spawn([cxx, *common, "-c", src, "-o", str(obj)])
+        libs = [f"-L{d}" for d in info["lib"]] + [f"-Wl,-rpath,{d}" for d in info["lib"]]
+        self.spawn(
+            [
+                cxx,
+                "-shared",
+                *objects,
+                *libs,
+                "-lc10",
+                "-ltorch",
+                "-ltorch_cpu",
+                "-ltorch_python",
+                f"-L{core.parent}",
+                f"-l:{core.name}",
+                "-Wl,-rpath,$ORIGIN",
+                "-o",
+                str(out),
+            ]
+        )
+        log(f"built the torch op layer {out.name} against torch {info['version']}")
 
 
 def newest_header_mtime() -> float:
@@ -165,7 +266,17 @@ def core_extensions() -> list[Extension]:
     ext = Extension("mpiep._C", sources=core_sources())
     ext.nvcc = nvcc  # type: ignore[attr-defined]
     ext.nvshmem = nvshmem  # type: ignore[attr-defined]
-    return [ext]
+    torch_info = torch_build_info()
+    if torch_info is None:
+        msg = "not building the torch op layer mpiep._ops: torch is not installed"
+        if mode in ("1", "yes", "on"):
+            raise SystemExit(f"[mpiep setup] MPIEP_BUILD_CORE=1 but {msg}")
+        log(msg)
+        return [ext]
+    ops = Extension("mpiep._ops", sources=ops_sources())
+    ops.nvcc = nvcc  # type: ignore[attr-defined]
+    ops.torch = torch_info  # type: ignore[attr-defined]
+    return [ext, ops]
 
 
 setup(

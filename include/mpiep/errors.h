@@ -19,7 +19,7 @@ enum class ErrorCode : int {
   kCapacity = 5,
 };
 
-class Error : public std::runtime_error {
+class __attribute__((visibility("default"))) Error : public std::runtime_error {
  public:
   Error(ErrorCode code, const std::string& what) : std::runtime_error(what), code_(code) {}
   ErrorCode code() const { return code_; }

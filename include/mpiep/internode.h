@@ -28,30 +28,32 @@
 
 #include <cstdint>
 
+#include "mpiep/export.h"
+
 namespace mpiep {
 namespace internode {
 
-constexpr int kMaxLocalRanks = 8;     // one NVLink domain
-constexpr int kMaxNodes = 128;        // nodes of one EP group
-constexpr int kMaxRanks = 1024;       // kMaxLocalRanks * kMaxNodes
+constexpr int kMaxLocalRanks = 8;  // one NVLink domain
+constexpr int kMaxNodes = 128;     // nodes of one EP group
+constexpr int kMaxRanks = 1024;    // kMaxLocalRanks * kMaxNodes
 constexpr int kMaxLocalExperts = 1024;
-constexpr int kMaxTopk = 32;          // one lane per top-k slot
-constexpr int kDataWarps = 16;        // warps per block of the data kernels
-constexpr int kMaxSms = 128;          // blocks of the data kernels (Config.num_sms)
+constexpr int kMaxTopk = 32;            // one lane per top-k slot
+constexpr int kDataWarps = 16;          // warps per block of the data kernels
+constexpr int kMaxSms = 128;            // blocks of the data kernels (Config.num_sms)
 constexpr int kChunksPerSource = 4096;  // RDMA chunk flags per source node
 constexpr int64_t kNvlControlBytes = 1 << 20;
 
 // Error codes written by kernels into HostInfo::error_phase (0 = none).
 enum DevicePhase : int {
   kPhaseNone = 0,
-  kPhaseNotify = 1,          // waiting for a rank's counts
-  kPhaseBarrier = 2,         // start-of-kernel barrier, peer did not start the call
-  kPhaseDispatchForward = 3, // forwarder waiting for a source's RDMA rows
-  kPhaseDispatchRecv = 4,    // receiver waiting for a forwarder's NVLink rows
-  kPhaseCombineForward = 5,  // forwarder waiting for a local rank's combine rows
-  kPhaseCombineRecv = 6,     // source waiting for a forwarder's reduced rows
-  kPhaseCapacity = 7,        // a receive does not fit a buffer (peer = that rank)
-  kPhaseWorstTokens = 8,     // a rank receives more rows than num_worst_tokens
+  kPhaseNotify = 1,           // waiting for a rank's counts
+  kPhaseBarrier = 2,          // start-of-kernel barrier, peer did not start the call
+  kPhaseDispatchForward = 3,  // forwarder waiting for a source's RDMA rows
+  kPhaseDispatchRecv = 4,     // receiver waiting for a forwarder's NVLink rows
+  kPhaseCombineForward = 5,   // forwarder waiting for a local rank's combine rows
+  kPhaseCombineRecv = 6,      // source waiting for a forwarder's reduced rows
+  kPhaseCapacity = 7,         // a receive does not fit a buffer (peer = that rank)
+  kPhaseWorstTokens = 8,      // a rank receives more rows than num_worst_tokens
 };
 
 // The NVLink (CUDA IPC) control area at the start of every rank's NVLink buffer.
@@ -70,10 +72,10 @@ static_assert(sizeof(NvlControl) <= kNvlControlBytes, "NVLink control area too l
 
 // Host-mapped memory (cudaHostAllocMapped): notify results and the error report.
 struct HostInfo {
-  volatile int64_t ready_token;  // host token of the last finished notify
-  volatile int error_phase;      // DevicePhase of the first device error
-  volatile int error_peer;       // the rank waited on (or the rank over capacity)
-  int status[8];                 // the notify's TableStatus words (see below)
+  volatile int64_t ready_token;           // host token of the last finished notify
+  volatile int error_phase;               // DevicePhase of the first device error
+  volatile int error_peer;                // the rank waited on (or the rank over capacity)
+  int status[8];                          // the notify's TableStatus words (see below)
   int recv_per_expert[kMaxLocalExperts];  // this rank's local experts, padded
 };
 
@@ -138,8 +140,8 @@ __host__ __device__ inline int64_t combine_row_bytes(int hidden, int num_topk) {
 // Per-dispatch tables (int32, on the device), computed by notify from the count matrix.
 // Offsets are in rows. R ranks, N nodes, L local ranks; this rank is (n0, l0).
 struct TableLayout {
-  int status, recv_prefix, rdma_in_base, rdma_in_count, rdma_out_base, my_node_base,
-      comb_out_base, fwd_expect, comb_expect, fwd_slot_base, recv_slot_base, total;
+  int status, recv_prefix, rdma_in_base, rdma_in_count, rdma_out_base, my_node_base, comb_out_base,
+      fwd_expect, comb_expect, fwd_slot_base, recv_slot_base, total;
 };
 // Row counts: the maxima over all ranks (identical on every rank, so that every rank takes
 // the same capacity decision) and this rank's own.
@@ -271,7 +273,7 @@ struct CombineArgs {
   int num_blocks;
 };
 
-void launch_layout(const LayoutArgs& a, cudaStream_t stream);
+MPIEP_API void launch_layout(const LayoutArgs& a, cudaStream_t stream);
 void launch_notify(const NotifyArgs& a, cudaStream_t stream);
 void launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
 void launch_combine(const CombineArgs& a, cudaStream_t stream);

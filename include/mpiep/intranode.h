@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "mpiep/export.h"
+
 namespace mpiep {
 namespace intranode {
 
@@ -141,7 +143,7 @@ __host__ __device__ inline int combine_row_bytes(int hidden, int num_topk) {
   return align16(hidden * 2) + align16(num_topk * 4);
 }
 
-void launch_layout(const LayoutArgs& a, cudaStream_t stream);
+MPIEP_API void launch_layout(const LayoutArgs& a, cudaStream_t stream);
 void launch_notify(const NotifyArgs& a, cudaStream_t stream);
 void launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
 void launch_combine(const CombineArgs& a, cudaStream_t stream);

@@ -1,6 +1,7 @@
 // Internode combine data kernel: the reverse of dispatch, three phases per warp.
 //   return   my received rows (source by source) -> the NVLink combine area of the source's
-//            forwarder in my node (+ per-rank row counts)
+//            forwarder in my node (+ per-rank row counts); rows whose forwarder is this rank
+//            stay in x, where the reduce reads them
 //   reduce   (forwarder) once every local rank delivered its rows: per RDMA row, the fp32
 //            sum over the local ranks it went to, sent as BF16 (weights fp32) to the
 //            source's combine area over RDMA, chunk by chunk (+ chunk flag)
@@ -33,7 +34,8 @@ __device__ void return_phase(const CombineArgs& a, const Tables& tb, const Count
   const Topology& tp = p.topo;
   const int R = tp.num_ranks, L = tp.local_ranks, me = tp.rank, K = a.num_topk;
   const int lane = threadIdx.x % 32, n16 = a.hidden * 2 / 16;
-  auto count = [&](int s) { return cn.M(s, me); };
+  // The forwarder of sources s % L == mine is this rank: it reads those rows from x itself.
+  auto count = [&](int s) { return s % L == tp.local ? 0 : cn.M(s, me); };
   int s, q0, q1;
   for (int i = gw; nth_chunk(i, R, a.chunk, count, &s, &q0, &q1); i += num_warps) {
     const int l = s % L, m = s / L;
@@ -71,7 +73,7 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
   const int lane = threadIdx.x % 32, n16 = a.hidden * 2 / 16;
   NvlControl* own = p.nvl_ctrl[tp.local];
   bool ok = true;
-  if (lane < L)
+  if (lane < L && lane != tp.local)
     ok = wait_at_least(p, reinterpret_cast<const uint64_t*>(&own->combine_rows[lane]),
                        uint64_t(tb.comb_expect(lane)), kPhaseCombineForward, tp.node * L + lane);
   if (!__all_sync(kFullMask, ok)) return false;
@@ -90,13 +92,23 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
       const int64_t r = int64_t(tb.rdma_in_base(m)) + q;
       const int pos = lane < L ? __ldg(a.fwd_pos + r * L + lane) : -1;
       const unsigned members = __ballot_sync(kFullMask, pos >= 0);
+      // Rank j's row: in my combine slots, or (j = me) in my own input x.
       const uint8_t* src[kMaxLocalRanks];
+      const float* wsrc[kMaxLocalRanks];
 #pragma unroll
       for (int j = 0; j < kMaxLocalRanks; ++j) {
         const int at = __shfl_sync(kFullMask, pos, j);
-        src[j] = (j < L && ((members >> j) & 1u))
-                     ? slots + (int64_t(tb.fwd_slot_base(j, m)) + at) * row_bytes
-                     : nullptr;
+        src[j] = nullptr;
+        wsrc[j] = nullptr;
+        if (j >= L || !((members >> j) & 1u)) continue;
+        if (j == tp.local) {
+          const int64_t row = int64_t(tb.recv_prefix(j, s)) + at;
+          src[j] = static_cast<const uint8_t*>(a.x) + row * a.hidden * 2;
+          if (a.topk_weights) wsrc[j] = a.topk_weights + row * K;
+        } else {
+          src[j] = slots + (int64_t(tb.fwd_slot_base(j, m)) + at) * row_bytes;
+          wsrc[j] = reinterpret_cast<const float*>(src[j] + w_off);
+        }
       }
       uint8_t* dst = base + int64_t(q - p0) * row_bytes;
       for (int k = lane; k < n16; k += 32 * kReduceUnroll) {
@@ -111,7 +123,8 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
 #pragma unroll
           for (int u = 0; u < kReduceUnroll; ++u)
             if (k + u * 32 < n16)
-              add_bf16x8(acc[u], ld_peer_written(reinterpret_cast<const int4*>(src[j]) + k + u * 32));
+              add_bf16x8(acc[u],
+                         ld_peer_written(reinterpret_cast<const int4*>(src[j]) + k + u * 32));
         }
 #pragma unroll
         for (int u = 0; u < kReduceUnroll; ++u)
@@ -121,13 +134,13 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
         float w = 0.f;
 #pragma unroll
         for (int j = 0; j < kMaxLocalRanks; ++j)
-          if (src[j]) w += __ldcg(reinterpret_cast<const float*>(src[j] + w_off) + lane);
+          if (wsrc[j]) w += __ldcg(wsrc[j] + lane);
         reinterpret_cast<float*>(dst + w_off)[lane] = w;
       }
     }
     __syncwarp();
-    const int64_t flag = p.rdma_ctrl.combine_flag +
-                         (int64_t(tp.node) * kChunksPerSource + p0 / a.chunk) * 8;
+    const int64_t flag =
+        p.rdma_ctrl.combine_flag + (int64_t(tp.node) * kChunksPerSource + p0 / a.chunk) * 8;
     if (mapped) {
       if (lane == 0) rdma_flag_set(p, flag, epoch, s);
     } else {
@@ -141,8 +154,8 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
 }
 
 // Phase 3 (source): each of my tokens, summed over the nodes it went to.
-__device__ bool sum_phase(const CombineArgs& a, const Tables& tb, int64_t row_bytes,
-                          int64_t w_off, uint64_t epoch, int gw, int num_warps) {
+__device__ bool sum_phase(const CombineArgs& a, const Tables& tb, int64_t row_bytes, int64_t w_off,
+                          uint64_t epoch, int gw, int num_warps) {
   __shared__ int member_row[kDataWarps][kMaxTopk];  // row in my combine area, per member node
   const Peers& p = a.peers;
   const Topology& tp = p.topo;
@@ -164,8 +177,8 @@ __device__ bool sum_phase(const CombineArgs& a, const Tables& tb, int64_t row_by
         if (idx < kMaxTopk) member_row[warp][idx] = tb.my_node_base(n) + slot;
         const int64_t flag =
             p.rdma_ctrl.combine_flag + (int64_t(n) * kChunksPerSource + slot / a.chunk) * 8;
-        ok = ok && wait_at_least(p, reinterpret_cast<const uint64_t*>(rdma_local(p, flag)),
-                                 epoch, kPhaseCombineRecv, n * L + tp.local);
+        ok = ok && wait_at_least(p, reinterpret_cast<const uint64_t*>(rdma_local(p, flag)), epoch,
+                                 kPhaseCombineRecv, n * L + tp.local);
       }
       members += __popc(bits);
     }
@@ -182,7 +195,8 @@ __device__ bool sum_phase(const CombineArgs& a, const Tables& tb, int64_t row_by
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
       for (int i = 0; i < members; ++i) {
-        const int4* row = reinterpret_cast<const int4*>(area + int64_t(member_row[warp][i]) * row_bytes);
+        const int4* row =
+            reinterpret_cast<const int4*>(area + int64_t(member_row[warp][i]) * row_bytes);
 #pragma unroll
         for (int u = 0; u < kReduceUnroll; ++u)
           if (k + u * 32 < n16) add_bf16x8(acc[u], ld_peer_written(row + k + u * 32));

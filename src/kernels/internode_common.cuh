@@ -36,7 +36,9 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
 struct Counts {
   const int* c;
   int R, N;
-  __device__ __forceinline__ int M(int s, int r) const { return __ldg(c + int64_t(s) * (R + N + 1) + r); }
+  __device__ __forceinline__ int M(int s, int r) const {
+    return __ldg(c + int64_t(s) * (R + N + 1) + r);
+  }
   __device__ __forceinline__ int NC(int s, int n) const {
     return __ldg(c + int64_t(s) * (R + N + 1) + R + n);
   }
@@ -173,10 +175,9 @@ __device__ __forceinline__ void rdma_send_warp(const Peers& p, int64_t dst_offse
     if (lane == 0) rdma_flag_set(p, flag_offset, value, pe);
     __syncwarp();
   } else {
-    nvshmemx_putmem_signal_nbi_warp(rdma_local(p, dst_offset), rdma_local(p, src_offset),
-                                    static_cast<size_t>(bytes),
-                                    reinterpret_cast<uint64_t*>(rdma_local(p, flag_offset)),
-                                    value, NVSHMEM_SIGNAL_SET, pe);
+    nvshmemx_putmem_signal_nbi_warp(
+        rdma_local(p, dst_offset), rdma_local(p, src_offset), static_cast<size_t>(bytes),
+        reinterpret_cast<uint64_t*>(rdma_local(p, flag_offset)), value, NVSHMEM_SIGNAL_SET, pe);
   }
 }
 
@@ -199,14 +200,12 @@ __device__ __forceinline__ bool start_barrier(const Peers& p, int64_t epoch) {
   if (threadIdx.x < tp.local_ranks) {
     const int j = threadIdx.x;
     const uint64_t* f = reinterpret_cast<const uint64_t*>(&p.nvl_ctrl[tp.local]->barrier[j]);
-    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, tp.node * tp.local_ranks + j))
-      ok = 0;
+    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, tp.node * tp.local_ranks + j)) ok = 0;
   } else if (threadIdx.x < tp.local_ranks + tp.num_nodes) {
     const int m = threadIdx.x - tp.local_ranks;
-    const uint64_t* f = reinterpret_cast<const uint64_t*>(
-        rdma_local(p, p.rdma_ctrl.barrier_flag + int64_t(m) * 8));
-    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, m * tp.local_ranks + tp.local))
-      ok = 0;
+    const uint64_t* f =
+        reinterpret_cast<const uint64_t*>(rdma_local(p, p.rdma_ctrl.barrier_flag + int64_t(m) * 8));
+    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, m * tp.local_ranks + tp.local)) ok = 0;
   }
   __syncthreads();
   return ok != 0;

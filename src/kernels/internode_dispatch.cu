@@ -20,21 +20,153 @@ constexpr int kThreads = kDataWarps * 32;
 constexpr int kUnroll = 4;
 
 struct Rows {
-  int64_t rdma, nvl;       // row bytes in the RDMA and NVLink areas
-  int64_t scale, meta;     // offsets of the scales and the metadata in both
+  int64_t rdma, nvl;    // row bytes in the RDMA and NVLink areas
+  int64_t scale, meta;  // offsets of the scales and the metadata in both
 };
 
 __device__ __forceinline__ Rows rows_of(const DispatchArgs& a) {
   Rows r;
-  r.rdma = rdma_dispatch_row_bytes(a.hidden_bytes, a.num_scales, a.num_topk, a.peers.topo.local_ranks);
+  r.rdma =
+      rdma_dispatch_row_bytes(a.hidden_bytes, a.num_scales, a.num_topk, a.peers.topo.local_ranks);
   r.nvl = nvl_dispatch_row_bytes(a.hidden_bytes, a.num_scales, a.num_topk);
   r.scale = align16(a.hidden_bytes);
   r.meta = r.scale + align16(a.num_scales * 4);
   return r;
 }
 
-// Phase 1: each of my tokens, once per destination node, into the RDMA area of that node's
-// forwarder (directly where it is mapped, else staged here and put with NVSHMEM).
+// A row on its way to the local receivers: read from a forwarder's RDMA area (written by a
+// peer during this kernel) or from the caller's inputs (this rank's own node).
+struct FromRdma {
+  const uint8_t* row;
+  const Rows& rw;
+  int K;
+  __device__ int4 load(int i) const {
+    return ld_peer_written(reinterpret_cast<const int4*>(row) + i);
+  }
+  __device__ float scale(int k) const {
+    return __ldcg(reinterpret_cast<const float*>(row + rw.scale) + k);
+  }
+  __device__ int expert(int k) const {
+    return __ldcg(reinterpret_cast<const int*>(row + rw.meta) + k);
+  }
+  __device__ float weight(int k) const {
+    return __ldcg(reinterpret_cast<const float*>(row + rw.meta) + K + k);
+  }
+  __device__ int token() const {
+    return __ldcg(reinterpret_cast<const int*>(row + rw.meta) + 2 * K);
+  }
+};
+struct FromInput {
+  const DispatchArgs& a;
+  int t;
+  __device__ int4 load(int i) const {
+    return ld_input(reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) +
+                                                  int64_t(t) * a.hidden_bytes) +
+                    i);
+  }
+  __device__ float scale(int k) const { return __ldg(a.x_scales + int64_t(t) * a.num_scales + k); }
+  __device__ int expert(int k) const {
+    return static_cast<int>(__ldg(a.topk_idx + int64_t(t) * a.num_topk + k));
+  }
+  __device__ float weight(int k) const {
+    return a.topk_weights ? __ldg(a.topk_weights + int64_t(t) * a.num_topk + k) : 0.f;
+  }
+  __device__ int token() const { return t; }
+};
+
+// Writes one row of source rank `s` to every local rank j whose position `pos` (lane j) is
+// set: into j's NVLink buffer at its final row, or straight into the outputs when j is this
+// rank. Returns the member mask.
+template <class Src>
+__device__ unsigned deliver(const DispatchArgs& a, const Tables& tb, const Rows& rw, const Src& src,
+                            int s, int pos) {
+  const Peers& p = a.peers;
+  const Topology& tp = p.topo;
+  const int L = tp.local_ranks, K = a.num_topk, EL = a.num_local_experts, lane = threadIdx.x % 32;
+  const int n16 = a.hidden_bytes / 16;
+  const unsigned members = __ballot_sync(kFullMask, lane < L && pos >= 0);
+  uint8_t* dst[kMaxLocalRanks];
+  int64_t self_row = -1;
+#pragma unroll
+  for (int j = 0; j < kMaxLocalRanks; ++j) {
+    const int at = __shfl_sync(kFullMask, pos, j);
+    dst[j] = nullptr;
+    if (j < L && ((members >> j) & 1u)) {
+      const int64_t row = int64_t(tb.recv_prefix(j, s)) + at;
+      if (j == tp.local) {
+        self_row = row;
+      } else {
+        dst[j] = p.nvl_rows[j] + row * rw.nvl;
+      }
+    }
+  }
+  int4* self_x =
+      self_row >= 0
+          ? reinterpret_cast<int4*>(static_cast<uint8_t*>(a.recv_x) + self_row * a.hidden_bytes)
+          : nullptr;
+  for (int k = lane; k < n16; k += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (k + u * 32 < n16) v[u] = src.load(k + u * 32);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (k + u * 32 >= n16) break;
+      if (self_x) self_x[k + u * 32] = v[u];
+#pragma unroll
+      for (int j = 0; j < kMaxLocalRanks; ++j)
+        if (dst[j]) reinterpret_cast<int4*>(dst[j])[k + u * 32] = v[u];
+    }
+  }
+  for (int k = lane; k < a.num_scales; k += 32) {
+    const float sc = src.scale(k);
+    if (self_row >= 0) a.recv_scales[self_row * a.num_scales + k] = sc;
+#pragma unroll
+    for (int j = 0; j < kMaxLocalRanks; ++j)
+      if (dst[j]) reinterpret_cast<float*>(dst[j] + rw.scale)[k] = sc;
+  }
+  // Top-k as each receiver's local expert ids (-1 elsewhere), weights only for those.
+  if (lane < K) {
+    const int e = src.expert(lane);
+    const float w = src.weight(lane);
+#pragma unroll
+    for (int j = 0; j < kMaxLocalRanks; ++j) {
+      if (j >= L || !((members >> j) & 1u)) continue;
+      const int lo = (tp.node * L + j) * EL;
+      const int local = (e >= lo && e < lo + EL) ? e - lo : -1;
+      const float wl = local >= 0 ? w : 0.f;
+      if (dst[j]) {
+        int* out = reinterpret_cast<int*>(dst[j] + rw.meta);
+        out[lane] = local;
+        reinterpret_cast<float*>(out)[K + lane] = wl;
+      } else {
+        if (a.recv_topk_idx) a.recv_topk_idx[self_row * K + lane] = local;
+        if (a.recv_topk_weights) a.recv_topk_weights[self_row * K + lane] = wl;
+      }
+    }
+  }
+  if (lane == 0) {
+    const int t = src.token();
+    if (self_row >= 0) a.recv_src_idx[self_row] = t;
+#pragma unroll
+    for (int j = 0; j < kMaxLocalRanks; ++j)
+      if (dst[j]) reinterpret_cast<int*>(dst[j] + rw.meta)[2 * K] = t;
+  }
+  return members;
+}
+
+// After a chunk: tell each other local rank how many rows it got (lane j counted them).
+__device__ __forceinline__ void publish_rows(const Peers& p, int sent) {
+  const int lane = threadIdx.x % 32;
+  __syncwarp();
+  if (lane < p.topo.local_ranks && lane != p.topo.local && sent > 0)
+    red_add_release_sys(&p.nvl_ctrl[lane]->dispatch_rows[p.topo.local], sent);
+  __syncwarp();
+}
+
+// Phase 1: each of my tokens, once per destination node. Other nodes: into the RDMA area of
+// that node's forwarder (directly where it is mapped, else staged here and put with
+// NVSHMEM). My own node: straight to its ranks over NVLink, as the forwarder would.
 __device__ void send_phase(const DispatchArgs& a, const Tables& tb, const Counts& cn,
                            const Rows& rw, uint64_t epoch, int gw, int num_warps) {
   const Peers& p = a.peers;
@@ -47,6 +179,19 @@ __device__ void send_phase(const DispatchArgs& a, const Tables& tb, const Counts
   auto count = [&](int n) { return cn.NC(me, n); };
   int n, p0, p1;
   for (int i = gw; nth_chunk(i, N, a.chunk, count, &n, &p0, &p1); i += num_warps) {
+    if (n == tp.node) {
+      int sent = 0;
+      for (int q = p0; q < p1; ++q) {
+        const int t = __ldg(a.node_token + int64_t(n) * T + q);
+        const int pos = lane < L ? __ldg(a.send_slot + int64_t(t) * R + n * L + lane) : -1;
+        // Combine finds these rows where the forwarder's would be: my RDMA rows of my node.
+        if (lane < L) a.fwd_pos[(int64_t(tb.rdma_in_base(n)) + q) * L + lane] = pos;
+        deliver(a, tb, rw, FromInput{a, t}, me, pos);
+        sent += pos >= 0 ? 1 : 0;
+      }
+      publish_rows(p, sent);
+      continue;
+    }
     const int pe = n * L + tp.local;
     const int64_t remote = data + (int64_t(tb.rdma_out_base(n)) + p0) * rw.rdma;
     uint8_t* mapped = rdma_direct(p, remote, pe);
@@ -68,18 +213,20 @@ __device__ void send_phase(const DispatchArgs& a, const Tables& tb, const Counts
           if (k + u * 32 < n16) dst[k + u * 32] = v[u];
       }
       for (int k = lane; k < a.num_scales; k += 32)
-        reinterpret_cast<float*>(row + rw.scale)[k] = __ldg(a.x_scales + int64_t(t) * a.num_scales + k);
+        reinterpret_cast<float*>(row + rw.scale)[k] =
+            __ldg(a.x_scales + int64_t(t) * a.num_scales + k);
       int* meta = reinterpret_cast<int*>(row + rw.meta);
       if (lane < K) {
         meta[lane] = static_cast<int>(__ldg(a.topk_idx + int64_t(t) * K + lane));
-        meta[K + lane] = a.topk_weights ? __ldg(a.topk_weights + int64_t(t) * K + lane) : 0.f;
+        reinterpret_cast<float*>(meta)[K + lane] =
+            a.topk_weights ? __ldg(a.topk_weights + int64_t(t) * K + lane) : 0.f;
       }
       if (lane == 0) meta[2 * K] = t;
       if (lane < L) meta[2 * K + 1 + lane] = __ldg(a.send_slot + int64_t(t) * R + n * L + lane);
     }
     __syncwarp();
-    const int64_t flag = p.rdma_ctrl.dispatch_flag +
-                         (int64_t(tp.node) * kChunksPerSource + p0 / a.chunk) * 8;
+    const int64_t flag =
+        p.rdma_ctrl.dispatch_flag + (int64_t(tp.node) * kChunksPerSource + p0 / a.chunk) * 8;
     if (mapped) {
       if (lane == 0) rdma_flag_set(p, flag, epoch, pe);
     } else {
@@ -91,17 +238,15 @@ __device__ void send_phase(const DispatchArgs& a, const Tables& tb, const Counts
   }
 }
 
-// Phase 2: every row that arrived in my RDMA area goes to each local rank it is for, at its
-// final row there; the positions are kept in fwd_pos for combine.
+// Phase 2: every row that arrived in my RDMA area from another node goes to each local rank
+// it is for; the positions are kept in fwd_pos for combine.
 __device__ bool forward_phase(const DispatchArgs& a, const Tables& tb, const Rows& rw,
                               uint64_t epoch, int gw, int num_warps) {
   const Peers& p = a.peers;
   const Topology& tp = p.topo;
   const int N = tp.num_nodes, L = tp.local_ranks, K = a.num_topk, lane = threadIdx.x % 32;
-  const int EL = a.num_local_experts;
   const int64_t data = p.rdma_ctrl.total;
-  const int n16 = a.hidden_bytes / 16;
-  auto count = [&](int m) { return tb.rdma_in_count(m); };
+  auto count = [&](int m) { return m == tp.node ? 0 : tb.rdma_in_count(m); };
   int m, p0, p1;
   for (int i = gw; nth_chunk(i, N, a.chunk, count, &m, &p0, &p1); i += num_warps) {
     const int s = m * L + tp.local;
@@ -117,63 +262,13 @@ __device__ bool forward_phase(const DispatchArgs& a, const Tables& tb, const Row
     for (int q = p0; q < p1; ++q) {
       const int64_t r = int64_t(tb.rdma_in_base(m)) + q;
       const uint8_t* row = rdma_local(p, data + r * rw.rdma);
-      const int* meta = reinterpret_cast<const int*>(row + rw.meta);
-      const int pos = lane < L ? __ldcg(meta + 2 * K + 1 + lane) : -1;
+      const int pos =
+          lane < L ? __ldcg(reinterpret_cast<const int*>(row + rw.meta) + 2 * K + 1 + lane) : -1;
       if (lane < L) a.fwd_pos[r * L + lane] = pos;
-      const unsigned members = __ballot_sync(kFullMask, pos >= 0);
-      uint8_t* dst[kMaxLocalRanks];
-#pragma unroll
-      for (int j = 0; j < kMaxLocalRanks; ++j) {
-        const int at = __shfl_sync(kFullMask, pos, j);
-        dst[j] = (j < L && ((members >> j) & 1u))
-                     ? p.nvl_rows[j] + (int64_t(tb.recv_prefix(j, s)) + at) * rw.nvl
-                     : nullptr;
-      }
-      const int4* src = reinterpret_cast<const int4*>(row);
-      for (int k = lane; k < n16; k += 32 * kUnroll) {
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (k + u * 32 < n16) v[u] = ld_peer_written(src + k + u * 32);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (k + u * 32 >= n16) break;
-#pragma unroll
-          for (int j = 0; j < kMaxLocalRanks; ++j)
-            if (dst[j]) reinterpret_cast<int4*>(dst[j])[k + u * 32] = v[u];
-        }
-      }
-      for (int k = lane; k < a.num_scales; k += 32) {
-        const float sc = __ldcg(reinterpret_cast<const float*>(row + rw.scale) + k);
-#pragma unroll
-        for (int j = 0; j < kMaxLocalRanks; ++j)
-          if (dst[j]) reinterpret_cast<float*>(dst[j] + rw.scale)[k] = sc;
-      }
-      // Top-k as each receiver's local expert ids (-1 elsewhere), weights only for those.
-      if (lane < K) {
-        const int e = __ldcg(meta + lane);
-        const float w = __ldcg(reinterpret_cast<const float*>(meta) + K + lane);
-#pragma unroll
-        for (int j = 0; j < kMaxLocalRanks; ++j) {
-          if (!dst[j]) continue;
-          const int lo = (tp.node * L + j) * EL;
-          const int local = (e >= lo && e < lo + EL) ? e - lo : -1;
-          int* out = reinterpret_cast<int*>(dst[j] + rw.meta);
-          out[lane] = local;
-          reinterpret_cast<float*>(out)[K + lane] = local >= 0 ? w : 0.f;
-        }
-      }
-      if (lane == 0) {
-        const int t = __ldcg(meta + 2 * K);
-#pragma unroll
-        for (int j = 0; j < kMaxLocalRanks; ++j)
-          if (dst[j]) reinterpret_cast<int*>(dst[j] + rw.meta)[2 * K] = t;
-      }
+      deliver(a, tb, rw, FromRdma{row, rw, K}, s, pos);
       sent += pos >= 0 ? 1 : 0;
     }
-    __syncwarp();
-    if (lane < L && sent > 0) red_add_release_sys(&p.nvl_ctrl[lane]->dispatch_rows[tp.local], sent);
-    __syncwarp();
+    publish_rows(p, sent);
   }
   return true;
 }
@@ -194,7 +289,8 @@ __device__ __forceinline__ void copy_out_row(const DispatchArgs& a, const Rows& 
       if (i + u * 32 < n16) out[i + u * 32] = v[u];
   }
   for (int i = lane; i < a.num_scales; i += 32)
-    a.recv_scales[r * a.num_scales + i] = __ldcg(reinterpret_cast<const float*>(src + rw.scale) + i);
+    a.recv_scales[r * a.num_scales + i] =
+        __ldcg(reinterpret_cast<const float*>(src + rw.scale) + i);
   const int* meta = reinterpret_cast<const int*>(src + rw.meta);
   if (lane < K && a.recv_topk_idx) {
     a.recv_topk_idx[r * K + lane] = __ldcg(meta + lane);
@@ -205,7 +301,7 @@ __device__ __forceinline__ void copy_out_row(const DispatchArgs& a, const Rows& 
 }
 
 // Phase 3: rows from source s sit at [recv_prefix(s), + M(s, me)) of my NVLink buffer once
-// forwarder s % L has delivered its whole count.
+// forwarder s % L (another rank of my node) has delivered its whole count.
 __device__ bool receive_phase(const DispatchArgs& a, const Tables& tb, const Counts& cn,
                               const Rows& rw, int gw, int num_warps) {
   const Peers& p = a.peers;
@@ -214,7 +310,8 @@ __device__ bool receive_phase(const DispatchArgs& a, const Tables& tb, const Cou
   NvlControl* own = p.nvl_ctrl[tp.local];
   const uint8_t* rows = p.nvl_rows[tp.local];
   unsigned complete = 0;  // bit l: forwarder l delivered everything
-  auto count = [&](int s) { return cn.M(s, me); };
+  // Rows of sources whose forwarder is this rank were written straight into the outputs.
+  auto count = [&](int s) { return s % L == tp.local ? 0 : cn.M(s, me); };
   int s, q0, q1;
   for (int i = gw; nth_chunk(i, R, a.chunk, count, &s, &q0, &q1); i += num_warps) {
     const int l = s % L;

@@ -18,8 +18,7 @@ constexpr int kNotifyThreads = 1024;
 // Exclusive scan of a 0/1 column over the tokens: out[t] = position among members, or -1;
 // inverse[pos] = t when given.
 template <class MemberFn>
-__device__ void scan_members(int T, MemberFn member, int* out, int64_t out_stride,
-                             int* inverse) {
+__device__ void scan_members(int T, MemberFn member, int* out, int64_t out_stride, int* inverse) {
   __shared__ int warp_sums[kNotifyThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
   int base = 0;
@@ -89,10 +88,10 @@ __device__ void exchange(const NotifyArgs& a) {
   // Wait for every rank's two messages (>=: a fast rank may already be one notify ahead;
   // its payload then went to the other parity).
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    const uint64_t* fr = reinterpret_cast<const uint64_t*>(
-        rdma_local(p, cl.notify_flag_rows + int64_t(s) * 8));
-    const uint64_t* fe = reinterpret_cast<const uint64_t*>(
-        rdma_local(p, cl.notify_flag_experts + int64_t(s) * 8));
+    const uint64_t* fr =
+        reinterpret_cast<const uint64_t*>(rdma_local(p, cl.notify_flag_rows + int64_t(s) * 8));
+    const uint64_t* fe =
+        reinterpret_cast<const uint64_t*>(rdma_local(p, cl.notify_flag_experts + int64_t(s) * 8));
     if (!wait_at_least(p, fr, uint64_t(epoch), kPhaseNotify, s) ||
         !wait_at_least(p, fe, uint64_t(epoch), kPhaseNotify, s))
       ok = 0;
@@ -101,8 +100,8 @@ __device__ void exchange(const NotifyArgs& a) {
   if (!ok) return;  // reported; the host raises from the error record
 
   // Copy the matrix out (peers wrote it: read around L1).
-  const int* rows = reinterpret_cast<const int*>(
-      rdma_local(p, cl.notify_rows + int64_t(parity) * R * W * 4));
+  const int* rows =
+      reinterpret_cast<const int*>(rdma_local(p, cl.notify_rows + int64_t(parity) * R * W * 4));
   for (int i = threadIdx.x; i < R * W; i += blockDim.x) a.counts[i] = __ldcg(rows + i);
   __syncthreads();
   __threadfence_block();
@@ -173,7 +172,7 @@ __device__ void exchange(const NotifyArgs& a) {
   }
   for (int x = threadIdx.x; x < N; x += blockDim.x) {
     int out_base = 0, comb_base = 0;
-    for (int m = 0; m < n0; ++m) out_base += NC(m * L + l0, x);  // at node x's forwarder
+    for (int m = 0; m < n0; ++m) out_base += NC(m * L + l0, x);   // at node x's forwarder
     for (int n = 0; n < n0; ++n) comb_base += NC(x * L + l0, n);  // at source (x, l0)
     tb[tl.rdma_out_base + x] = out_base;
     tb[tl.comb_out_base + x] = comb_base;
@@ -182,8 +181,8 @@ __device__ void exchange(const NotifyArgs& a) {
     const int j = threadIdx.x;
     int fwd = 0, comb = 0;
     for (int m = 0; m < N; ++m) {
-      fwd += M(m * L + j, me);             // forwarder j -> me
-      comb += M(m * L + l0, n0 * L + j);   // me (forwarder) -> j
+      fwd += M(m * L + j, me);            // forwarder j -> me
+      comb += M(m * L + l0, n0 * L + j);  // me (forwarder) -> j
     }
     tb[tl.fwd_expect + j] = fwd;
     tb[tl.comb_expect + j] = comb;
@@ -231,8 +230,7 @@ __global__ void __launch_bounds__(kNotifyThreads)
   const int b = blockIdx.x;
   if (b < R) {
     const bool* col = a.is_token_in_rank + b;
-    scan_members(
-        T, [&](int t) { return col[int64_t(t) * R]; }, a.send_slot + b, R, nullptr);
+    scan_members(T, [&](int t) { return col[int64_t(t) * R]; }, a.send_slot + b, R, nullptr);
   } else if (b < R + N) {
     const int n = b - R;
     const bool* cols = a.is_token_in_rank + n * L;
@@ -257,10 +255,10 @@ void launch_notify(const NotifyArgs& a, cudaStream_t stream) {
   MPIEP_CHECK_ARG(tp.local_ranks >= 1 && tp.local_ranks <= kMaxLocalRanks,
                   "internode: 1..8 ranks per node");
   MPIEP_CHECK_ARG(tp.num_nodes <= kMaxNodes, "internode: at most 128 nodes");
-  MPIEP_CHECK_ARG(a.num_experts % tp.num_ranks == 0 &&
-                      a.num_experts / tp.num_ranks <= kMaxLocalExperts,
-                  "internode: num_experts must be a multiple of the rank count, at most 1024 "
-                  "per rank");
+  MPIEP_CHECK_ARG(
+      a.num_experts % tp.num_ranks == 0 && a.num_experts / tp.num_ranks <= kMaxLocalExperts,
+      "internode: num_experts must be a multiple of the rank count, at most 1024 "
+      "per rank");
   notify_kernel<<<tp.num_ranks + tp.num_nodes + 1, kNotifyThreads, 0, stream>>>(a);
   MPIEP_CUDA_CHECK(cudaGetLastError());
 }

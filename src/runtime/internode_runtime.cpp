@@ -14,8 +14,8 @@ namespace mpiep {
 using namespace internode;
 
 InternodeRuntime::InternodeRuntime(int rank, int num_ranks, int local_ranks, int device,
-                                   int64_t num_nvl_bytes, int64_t num_rdma_bytes,
-                                   double timeout_s, bool force_puts)
+                                   int64_t num_nvl_bytes, int64_t num_rdma_bytes, double timeout_s,
+                                   bool force_puts)
     : device_(device),
       num_nvl_bytes_(num_nvl_bytes),
       num_rdma_bytes_(num_rdma_bytes),
@@ -59,8 +59,8 @@ InternodeRuntime::InternodeRuntime(int rank, int num_ranks, int local_ranks, int
     rdma_mapped_[r] = bases[r] != nullptr;
   }
   MPIEP_CUDA_CHECK(cudaMalloc(&rdma_peer_, num_ranks * sizeof(uint8_t*)));
-  MPIEP_CUDA_CHECK(cudaMemcpy(rdma_peer_, bases.data(), num_ranks * sizeof(uint8_t*),
-                              cudaMemcpyHostToDevice));
+  MPIEP_CUDA_CHECK(
+      cudaMemcpy(rdma_peer_, bases.data(), num_ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice));
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_rt::barrier_all();
 }
@@ -169,13 +169,15 @@ void InternodeRuntime::check_error() const {
                             std::to_string(topo_.node) + "): " + internode_phase_name(phase);
   if (phase == kPhaseWorstTokens) {
     throw Error(ErrorCode::kCapacity,
-                where + ": a rank receives more tokens than num_worst_tokens; the kernel "
-                        "skipped the exchange on every rank (the engine is unusable now)");
+                where +
+                    ": a rank receives more tokens than num_worst_tokens; the kernel "
+                    "skipped the exchange on every rank (the engine is unusable now)");
   }
   if (phase == kPhaseCapacity) {
     throw Error(ErrorCode::kCapacity,
-                where + ": a rank's rows exceed num_nvl_bytes or num_rdma_bytes; the kernel "
-                        "skipped the exchange on every rank (the engine is unusable now)");
+                where +
+                    ": a rank's rows exceed num_nvl_bytes or num_rdma_bytes; the kernel "
+                    "skipped the exchange on every rank (the engine is unusable now)");
   }
   const int node = peer >= 0 ? peer / topo_.local_ranks : -1;
   throw Error(ErrorCode::kTimeout,
@@ -207,15 +209,14 @@ void InternodeRuntime::wait_notify(int64_t token, cudaStream_t stream) const {
     if ((++polls & 1023) == 0) {
       const cudaError_t err = cudaStreamQuery(stream);
       if (err != cudaSuccess && err != cudaErrorNotReady) {
-        throw Error(ErrorCode::kCuda, "rank " + std::to_string(topo_.rank) +
-                                          ": internode notify kernel failed: " +
-                                          cudaGetErrorString(err));
+        throw Error(ErrorCode::kCuda,
+                    "rank " + std::to_string(topo_.rank) +
+                        ": internode notify kernel failed: " + cudaGetErrorString(err));
       }
       if (clock::now() > deadline) {
         throw Error(ErrorCode::kTimeout,
-                    "rank " + std::to_string(topo_.rank) + " (node " +
-                        std::to_string(topo_.node) + "): no internode notify result within " +
-                        std::to_string(timeout_s_) +
+                    "rank " + std::to_string(topo_.rank) + " (node " + std::to_string(topo_.node) +
+                        "): no internode notify result within " + std::to_string(timeout_s_) +
                         "s (a peer crashed, hangs, or skipped this call)");
       }
       if (clock::now() - start > std::chrono::milliseconds(2)) {

@@ -8,13 +8,14 @@
 #include <string>
 #include <vector>
 
+#include "mpiep/export.h"
 #include "mpiep/internode.h"
 #include "runtime/ipc_buffer.h"
 #include "runtime/mapped_host.h"
 
 namespace mpiep {
 
-class InternodeRuntime {
+class MPIEP_API InternodeRuntime {
  public:
   // Collective over all ranks (allocates the symmetric area); NVSHMEM must be initialised.
   InternodeRuntime(int rank, int num_ranks, int local_ranks, int device, int64_t num_nvl_bytes,
@@ -34,6 +35,7 @@ class InternodeRuntime {
   void destroy();
   bool alive() const { return nvl_ != nullptr; }
 
+  const internode::Topology& topology() const { return topo_; }
   int64_t nvl_row_bytes() const { return num_nvl_bytes_ - internode::kNvlControlBytes; }
   int64_t rdma_data_bytes() const { return num_rdma_bytes_ - ctrl_.total; }
   int64_t rdma_control_bytes() const { return ctrl_.total; }

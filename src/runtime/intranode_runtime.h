@@ -7,13 +7,14 @@
 #include <string>
 #include <vector>
 
+#include "mpiep/export.h"
 #include "mpiep/intranode.h"
 #include "runtime/host_counters.h"
 #include "runtime/ipc_buffer.h"
 
 namespace mpiep {
 
-class IntranodeRuntime {
+class MPIEP_API IntranodeRuntime {
  public:
   IntranodeRuntime(int rank, int num_ranks, int device, int64_t num_nvl_bytes, double timeout_s);
 

@@ -59,8 +59,8 @@ void start(unsigned flags, nvshmemx_init_attr_t& attr, int rank, int size, int d
   int st = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, flags, &attr, version);
   if (st != 0) {
     fail("NVSHMEM failed to initialise (" + std::string(how) + " bootstrap) on rank " +
-         std::to_string(rank) + " of " + std::to_string(size) + " (status " +
-         std::to_string(st) + ", device " + std::to_string(device) +
+         std::to_string(rank) + " of " + std::to_string(size) + " (status " + std::to_string(st) +
+         ", device " + std::to_string(device) +
          ", NVSHMEM_REMOTE_TRANSPORT=" + env_or("NVSHMEM_REMOTE_TRANSPORT", "<default>") +
          ", NVSHMEM_IB_ENABLE_IBGDA=" + env_or("NVSHMEM_IB_ENABLE_IBGDA", "<unset>") +
          ", NVSHMEM_SYMMETRIC_SIZE=" + env_or("NVSHMEM_SYMMETRIC_SIZE", "<unset>") +
@@ -68,7 +68,8 @@ void start(unsigned flags, nvshmemx_init_attr_t& attr, int rank, int size, int d
          "node without InfiniBand set NVSHMEM_REMOTE_TRANSPORT=none; for IBGDA load nvidia_peermem "
          "and set NVSHMEM_HCA_LIST per local rank; if the symmetric heap does not fit, lower "
          "num_rdma_bytes; with several ranks per GPU start CUDA MPS; if the MPI bootstrap "
-         "plugin does not load (it needs Open MPI's libmpi.so.40), use MPIEP_NVSHMEM_BOOTSTRAP=uid.");
+         "plugin does not load (it needs Open MPI's libmpi.so.40), use "
+         "MPIEP_NVSHMEM_BOOTSTRAP=uid.");
   }
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != size) {
     fail("NVSHMEM started as PE " + std::to_string(nvshmem_my_pe()) + " of " +

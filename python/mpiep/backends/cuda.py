@@ -37,6 +37,15 @@ def unavailable_reason(device: torch.device) -> str | None:
             "reinstall with nvcc and NVSHMEM present"
         )
     try:
+        from mpiep.backends import native
+
+        native.ops()
+    except ImportError as exc:
+        return (
+            f"the torch op layer mpiep._ops does not load ({exc}); it is built for the torch "
+            "present at install time: reinstall mpiep after changing torch"
+        )
+    try:
         from mpiep.backends import cuda_internode, cuda_intranode, cuda_low_latency  # noqa: F401
     except ImportError as exc:
         return f"the CUDA engines failed to import: {exc}"
@@ -109,12 +118,10 @@ class CudaBackend:
         if self.normal is not None:
             return self.normal.get_dispatch_layout(topk_idx, num_experts)
         # The layout needs no buffers: compute it without a normal-mode engine.
-        from mpiep import _C
-        from mpiep.backends.cuda_internode import internode_layout
+        from mpiep.backends import native
 
-        stream = int(torch.cuda.current_stream(self.device).cuda_stream)
-        return internode_layout(
-            _C, topk_idx, num_experts, self.comm.size, self.comm.local_size, stream
+        return Layout(
+            *native.ops().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size)
         )
 
     def dispatch(self, *args: Any) -> DispatchResult:

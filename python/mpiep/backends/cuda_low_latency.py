@@ -31,6 +31,7 @@ import torch
 from mpiep.backends.base import LowLatencyDispatchResult
 from mpiep.backends.nvshmem_boot import core as nvshmem_core
 from mpiep.backends.nvshmem_boot import finalize_nvshmem, init_nvshmem  # noqa: F401 (re-export)
+from mpiep.backends import native
 from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle
@@ -97,6 +98,8 @@ class LowLatencyEngine:
             index, self.num_rdma_bytes, self.allow_nvlink, self._num_blocks(index), float(timeout_s)
         )
         self._send, self._recv = core.LL_SEND_PHASE, core.LL_RECV_PHASE
+        self._ops = native.ops()
+        self._address = int(self.ctx.address)
         self._dispatch_buffer = 0
         self._combine_buffer = 0
         # Per buffer: a send phase was launched there and its receive hook not yet called.
@@ -191,56 +194,35 @@ class LowLatencyEngine:
         cumulative_local_expert_recv_stats: torch.Tensor | None,
         return_recv_hook: bool,
     ) -> LowLatencyDispatchResult:
-        self.check()
-        R, M, E = self.comm.size, int(num_max_dispatch_tokens_per_rank), int(num_experts)
-        T, H = int(x.shape[0]), int(x.shape[1])
-        K = int(topk_idx.shape[1])
-        EL = E // R
-        x = x.contiguous()
-        topk_idx = topk_idx.to(torch.int64).contiguous()
-        dev = self.device
-        if use_fp8:
-            recv_x = torch.empty((EL, R * M, H), dtype=torch.float8_e4m3fn, device=dev)
-            if use_ue8m0:
-                scales = torch.empty((EL, R * M, H // 512), dtype=torch.int32, device=dev)
-            else:
-                scales = torch.empty((EL, R * M, H // 128), dtype=torch.float32, device=dev)
-        else:
-            recv_x = torch.empty((EL, R * M, H), dtype=torch.bfloat16, device=dev)
-            scales = None
-        recv_count = torch.empty((EL,), dtype=torch.int32, device=dev)
-        src_idx = torch.empty((EL, R * M), dtype=torch.int32, device=dev)
-        layout = torch.empty((EL, R, 2), dtype=torch.int32, device=dev)
+        # One native call checks, allocates the outputs and launches (mpiep._ops); the
+        # context raises a peer timeout recorded by an earlier call.
+        M, E = num_max_dispatch_tokens_per_rank, num_experts
         stats = cumulative_local_expert_recv_stats
         buffer = self._dispatch_buffer
         self._claim(self._dispatch_pending, buffer, "dispatch")
-        self._dispatch_buffer ^= 1
-
-        def launch(phases: int) -> None:
-            self.ctx.dispatch(
-                x.data_ptr(), topk_idx.data_ptr(), T, K, H, M, E,
-                bool(use_fp8), bool(round_scale), bool(use_ue8m0),
-                recv_x.data_ptr(), scales.data_ptr() if scales is not None else 0,
-                recv_count.data_ptr(), src_idx.data_ptr(), layout.data_ptr(),
-                stats.data_ptr() if stats is not None else 0,
-                buffer, phases, torch.cuda.current_stream(dev).cuda_stream,
-            )  # fmt: skip
-
+        phases = self._send if return_recv_hook else self._send | self._recv
+        recv_x, scales, recv_count, src_idx, layout = self._ops.ll_dispatch(
+            self._address, x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, stats, buffer,
+            phases,
+        )  # fmt: skip
+        self._dispatch_buffer = buffer ^ 1
         hook: Callable[[], None] | None = None
         if return_recv_hook:
-            launch(self._send)
-            hook = self._make_hook(
-                self._dispatch_pending, buffer, "dispatch", lambda: launch(self._recv)
-            )
-        else:
-            launch(self._send | self._recv)
+
+            def receive() -> None:
+                self._ops.ll_dispatch_receive(
+                    self._address, x, topk_idx, recv_x, scales, recv_count, src_idx, layout,
+                    M, E, use_fp8, round_scale, use_ue8m0, stats, buffer,
+                )  # fmt: skip
+
+            hook = self._make_hook(self._dispatch_pending, buffer, "dispatch", receive)
         handle = LowLatencyHandle(
             num_max_dispatch_tokens_per_rank=M,
-            hidden=H,
+            hidden=int(x.shape[1]),
             num_experts=E,
             src_token_idx=src_idx,
             layout_range=layout,
-            num_tokens=T,
+            num_tokens=int(x.shape[0]),
             backend_state={"recv_count": recv_count, "dispatch_buffer": buffer},
         )
         return LowLatencyDispatchResult(recv_x, scales, recv_count, handle, hook)
@@ -256,39 +238,27 @@ class LowLatencyEngine:
         out: torch.Tensor | None,
         return_recv_hook: bool,
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
-        self.check()
         M, E, H = handle.num_max_dispatch_tokens_per_rank, handle.num_experts, handle.hidden
-        T, K = int(topk_idx.shape[0]), int(topk_idx.shape[1])
-        x = x.contiguous()
-        topk_idx = topk_idx.to(torch.int64).contiguous()
-        topk_weights = topk_weights.to(torch.float32).contiguous()
-        if out is None:
-            out = torch.empty((T, H), dtype=torch.bfloat16, device=self.device)
+        src_idx, layout = handle.src_token_idx, handle.layout_range
         buffer = self._combine_buffer
         self._claim(self._combine_pending, buffer, "combine")
-        self._combine_buffer ^= 1
-        # Zero copy only when x really is the symmetric send area of this call's buffer;
-        # otherwise the kernel stages rows there itself where NVSHMEM puts need it.
-        zc = bool(zero_copy) and x.data_ptr() == self.ctx.combine_send_buffer(buffer, H, M, E)
-        src_idx, layout = handle.src_token_idx, handle.layout_range
-
-        def launch(phases: int) -> None:
-            self.ctx.combine(
-                x.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(),
-                src_idx.data_ptr(), layout.data_ptr(), out.data_ptr(),
-                T, K, H, M, E, zc, buffer, phases,
-                torch.cuda.current_stream(self.device).cuda_stream,
-            )  # fmt: skip
-
+        phases = self._send if return_recv_hook else self._send | self._recv
+        result = self._ops.ll_combine(
+            self._address, x, topk_idx, topk_weights, src_idx, layout, out, H, M, E,
+            zero_copy, buffer, phases,
+        )  # fmt: skip
+        self._combine_buffer = buffer ^ 1
         hook: Callable[[], None] | None = None
         if return_recv_hook:
-            launch(self._send)
-            hook = self._make_hook(
-                self._combine_pending, buffer, "combine", lambda: launch(self._recv)
-            )
-        else:
-            launch(self._send | self._recv)
-        return out, hook
+
+            def receive() -> None:
+                self._ops.ll_combine(
+                    self._address, x, topk_idx, topk_weights, src_idx, layout, result, H, M,
+                    E, zero_copy, buffer, self._recv,
+                )  # fmt: skip
+
+            hook = self._make_hook(self._combine_pending, buffer, "combine", receive)
+        return result, hook
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The symmetric area the next combine sends from: write expert outputs here and pass
@@ -316,5 +286,6 @@ class LowLatencyEngine:
         process; :func:`finalize_nvshmem` shuts it down."""
         if self.ctx is not None:
             torch.cuda.synchronize(self.device)
+            self._address = 0  # the op layer refuses a null context
             self.ctx.destroy()
             self.ctx = None  # type: ignore[assignment]

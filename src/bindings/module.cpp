@@ -1,7 +1,6 @@
 // The mpiep._C module: torch-free entry points taking device pointers (as
 // integers), sizes and CUDA stream handles. The Python layer owns tensors.
 #include "bindings.h"
-
 #include "mpiep/errors.h"
 #include "mpiep/version.h"
 

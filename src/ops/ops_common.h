@@ -1,0 +1,70 @@
+// Shared by the torch op layer (mpiep._ops): argument checks that cost no device work, the
+// caller's current CUDA stream, and output allocation. This layer may use libtorch; the
+// kernels and runtime below it (src/kernels, src/runtime) stay torch-free.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <cuda_runtime.h>
+
+#include <optional>
+#include <string>
+
+#include "mpiep/errors.h"
+
+namespace mpiep {
+namespace ops {
+
+[[noreturn]] inline void bad_arg(const std::string& msg) {
+  throw Error(ErrorCode::kInvalidArgument, msg);
+}
+
+// `t` must be a contiguous CUDA tensor of `dtype` with `dim` dimensions.
+inline void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  if (!t.is_cuda()) bad_arg(std::string(name) + " must be a CUDA tensor");
+  if (t.scalar_type() != dtype)
+    bad_arg(std::string(name) + " must have dtype " + c10::toString(dtype) + ", got " +
+            c10::toString(t.scalar_type()));
+  if (t.dim() != dim)
+    bad_arg(std::string(name) + " must have " + std::to_string(dim) + " dimensions, got " +
+            std::to_string(t.dim()));
+  if (!t.is_contiguous()) bad_arg(std::string(name) + " must be contiguous");
+}
+
+inline void check_size(const at::Tensor& t, const char* name, int64_t axis, int64_t want) {
+  if (t.size(axis) != want)
+    bad_arg(std::string(name) + " has size " + std::to_string(t.size(axis)) + " in dimension " +
+            std::to_string(axis) + ", expected " + std::to_string(want));
+}
+
+// The current stream of `device` through c10's device-guard interface: no link against
+// libc10_cuda, so the op layer also builds (and fails cleanly) against a CPU-only torch.
+inline cudaStream_t current_stream(const at::Device& device) {
+  const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return static_cast<cudaStream_t>(s.native_handle());
+}
+
+// Optional bias of combine: bf16 [T, H], contiguous.
+inline void check_bias(const std::optional<at::Tensor>& b, const char* name, int64_t T, int64_t H) {
+  if (!b) return;
+  check(*b, name, at::kBFloat16, 2);
+  check_size(*b, name, 0, T);
+  check_size(*b, name, 1, H);
+}
+
+template <class T>
+T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+template <class T>
+T* ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+inline at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype, const at::Device& device) {
+  return at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
+}
+
+}  // namespace ops
+}  // namespace mpiep

@@ -1,0 +1,204 @@
+#include "runtime/low_latency_context.h"
+
+#include <cstring>
+#include <string>
+
+#include "mpiep/errors.h"
+#include "runtime/nvshmem_runtime.h"
+
+namespace mpiep {
+
+LowLatencyContext::LowLatencyContext(int device, size_t heap_bytes, bool allow_nvlink,
+                                     int num_blocks, double timeout_s)
+    : device_(device), num_blocks_(num_blocks) {
+  MPIEP_CHECK_ARG(nvshmem_rt::initialized(), "call nvshmem_init before creating the context");
+  MPIEP_CHECK_ARG(num_blocks > 0, "num_blocks must be positive");
+  MPIEP_CUDA_CHECK(cudaSetDevice(device_));
+  rank_ = nvshmem_rt::my_pe();
+  size_ = nvshmem_rt::n_pes();
+  half_bytes_ = heap_bytes / 2 / 4096 * 4096;
+  MPIEP_CHECK_ARG(half_bytes_ > kSignal(), "num_rdma_bytes is too small for low-latency mode");
+  heap_ = static_cast<uint8_t*>(nvshmem_rt::alloc(heap_bytes));
+  for (int h = 0; h < 2; ++h) MPIEP_CUDA_CHECK(cudaMemset(heap_ + h * half_bytes_, 0, kSignal()));
+
+  std::vector<uint8_t*> bases(size_, nullptr);
+  for (int r = 0; r < size_; ++r) {
+    void* p = nvshmem_rt::peer_ptr(heap_, r);
+    nvlink_peers_.push_back(p != nullptr);
+    if (allow_nvlink) bases[r] = static_cast<uint8_t*>(p);
+  }
+  MPIEP_CUDA_CHECK(cudaMalloc(&peer_bases_, size_ * sizeof(uint8_t*)));
+  MPIEP_CUDA_CHECK(
+      cudaMemcpy(peer_bases_, bases.data(), size_ * sizeof(uint8_t*), cudaMemcpyHostToDevice));
+  MPIEP_CUDA_CHECK(cudaHostAlloc(&err_host_, sizeof(ll::ErrorRecord), cudaHostAllocMapped));
+  std::memset(const_cast<ll::ErrorRecord*>(err_host_), 0, sizeof(ll::ErrorRecord));
+  MPIEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev_),
+                                            const_cast<ll::ErrorRecord*>(err_host_), 0));
+  MPIEP_CUDA_CHECK(cudaMalloc(&err_lock_, sizeof(int)));
+  MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
+  int khz = 0;
+  if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device_) != cudaSuccess || khz <= 0) {
+    (void)cudaGetLastError();
+    khz = 2000000;
+  }
+  clock_khz_ = khz;
+  set_timeout(timeout_s);
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_rt::barrier_all();
+}
+
+LowLatencyContext::~LowLatencyContext() {
+  try {
+    destroy();
+  } catch (...) {
+  }
+}
+
+void LowLatencyContext::set_timeout(double s) {
+  MPIEP_CHECK_ARG(s > 0, "timeout_s must be positive");
+  timeout_s_ = s;
+  timeout_cycles_ = static_cast<long long>(s * clock_khz_ * 1000.0);
+}
+
+namespace {
+// Launches go to the caller's stream, which belongs to this device; switch only when needed
+// (cudaGetDevice is a thread-local read, cudaSetDevice is not free).
+void ensure_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device)
+    MPIEP_CUDA_CHECK(cudaSetDevice(device));
+}
+}  // namespace
+
+void LowLatencyContext::dispatch(const LowLatencyDispatchCall& c, cudaStream_t stream) {
+  check_shape(c.hidden, c.max_tokens, c.num_experts, c.num_tokens);
+  MPIEP_CHECK_ARG(!c.fp8 || c.hidden % 128 == 0,
+                  "FP8 low-latency dispatch needs hidden % 128 == 0");
+  MPIEP_CHECK_ARG(!c.ue8m0 || c.hidden % 512 == 0, "use_ue8m0 needs hidden % 512 == 0");
+  ensure_device(device_);
+  ll::DispatchParams p{};
+  p.c = common();
+  p.r = regions(c.buffer, c.hidden, c.max_tokens, c.num_experts);
+  p.x = c.x;
+  p.topk_idx = c.topk_idx;
+  p.num_tokens = c.num_tokens;
+  p.num_topk = c.num_topk;
+  p.hidden = c.hidden;
+  p.max_tokens = c.max_tokens;
+  p.num_experts = c.num_experts;
+  p.fp8 = c.fp8;
+  p.round_scale = c.round_scale || c.ue8m0;
+  p.ue8m0 = c.ue8m0;
+  p.recv_x = c.recv_x;
+  p.recv_scales = c.recv_scales;
+  p.recv_count = c.recv_count;
+  p.src_token_idx = c.src_token_idx;
+  p.layout_range = c.layout_range;
+  p.stats = c.stats;
+  p.row_bytes = static_cast<int>(ll::row_bytes(c.hidden));
+  const size_t msg = 16 + (c.fp8 ? size_t(c.hidden) + size_t(c.hidden) / 32 : size_t(c.hidden) * 2);
+  p.msg_bytes = static_cast<int>(ll::align_up(msg, 16));
+  p.phases = c.phases;
+  p.num_blocks = num_blocks_;
+  ll::launch_dispatch(p, stream);
+}
+
+void LowLatencyContext::combine(const LowLatencyCombineCall& c, cudaStream_t stream) {
+  check_shape(c.hidden, c.max_tokens, c.num_experts, c.num_tokens);
+  ensure_device(device_);
+  ll::CombineParams p{};
+  p.c = common();
+  p.r = regions(c.buffer, c.hidden, c.max_tokens, c.num_experts);
+  p.y = c.y;
+  p.topk_idx = c.topk_idx;
+  p.topk_weights = c.topk_weights;
+  p.src_token_idx = c.src_token_idx;
+  p.layout_range = c.layout_range;
+  p.out = c.out;
+  p.num_tokens = c.num_tokens;
+  p.num_topk = c.num_topk;
+  p.hidden = c.hidden;
+  p.max_tokens = c.max_tokens;
+  p.num_experts = c.num_experts;
+  p.zero_copy = c.zero_copy;
+  p.phases = c.phases;
+  p.num_blocks = num_blocks_;
+  ll::launch_combine(p, stream);
+}
+
+uint8_t* LowLatencyContext::combine_send_buffer(int buffer, int hidden, int max_tokens,
+                                                int num_experts) const {
+  check_shape(hidden, max_tokens, num_experts, 0);
+  return regions(buffer, hidden, max_tokens, num_experts).comb_send;
+}
+
+void LowLatencyContext::clean() {
+  MPIEP_CUDA_CHECK(cudaSetDevice(device_));
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  for (int h = 0; h < 2; ++h) MPIEP_CUDA_CHECK(cudaMemset(heap_ + h * half_bytes_, 0, kSignal()));
+  MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
+  std::memset(const_cast<ll::ErrorRecord*>(err_host_), 0, sizeof(ll::ErrorRecord));
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_rt::barrier_all();
+}
+
+std::optional<ll::ErrorRecord> LowLatencyContext::error() const {
+  if (err_host_ == nullptr || err_host_->flag == 0) return std::nullopt;
+  ll::ErrorRecord r;
+  std::memcpy(&r, const_cast<const ll::ErrorRecord*>(err_host_), sizeof(r));
+  return r;
+}
+
+void LowLatencyContext::destroy() {
+  if (heap_ == nullptr) return;
+  cudaSetDevice(device_);
+  cudaDeviceSynchronize();
+  nvshmem_rt::barrier_all();
+  nvshmem_rt::release(heap_);
+  heap_ = nullptr;
+  cudaFree(peer_bases_);
+  cudaFree(err_lock_);
+  cudaFreeHost(const_cast<ll::ErrorRecord*>(err_host_));
+  err_host_ = nullptr;
+}
+
+void LowLatencyContext::check_shape(int hidden, int max_tokens, int num_experts,
+                                    int num_tokens) const {
+  MPIEP_CHECK_ARG(heap_ != nullptr, "the low-latency context was destroyed");
+  MPIEP_CHECK_ARG(hidden > 0 && hidden % 8 == 0, "hidden must be a positive multiple of 8");
+  MPIEP_CHECK_ARG(max_tokens > 0, "num_max_dispatch_tokens_per_rank must be positive");
+  MPIEP_CHECK_ARG(num_tokens >= 0 && num_tokens <= max_tokens,
+                  "num_tokens exceeds num_max_dispatch_tokens_per_rank");
+  MPIEP_CHECK_ARG(num_experts > 0 && num_experts % size_ == 0,
+                  "num_experts must be a positive multiple of the rank count");
+  if (ll::signal_bytes_needed(max_tokens, num_experts) > kSignal() ||
+      ll::half_bytes_needed(hidden, max_tokens, num_experts) > half_bytes_) {
+    throw Error(ErrorCode::kCapacity,
+                "low-latency buffer too small: hidden " + std::to_string(hidden) + ", max tokens " +
+                    std::to_string(max_tokens) + ", experts " + std::to_string(num_experts) +
+                    " need " +
+                    std::to_string(2 * ll::half_bytes_needed(hidden, max_tokens, num_experts)) +
+                    " bytes (get_low_latency_rdma_size_hint), the buffer has " +
+                    std::to_string(2 * half_bytes_));
+  }
+}
+
+ll::Common LowLatencyContext::common() const {
+  ll::Common c;
+  c.heap = heap_;
+  c.peer_bases = peer_bases_;
+  c.rank = rank_;
+  c.num_ranks = size_;
+  c.timeout_cycles = timeout_cycles_;
+  c.err = err_dev_;
+  c.err_lock = err_lock_;
+  return c;
+}
+
+ll::Regions LowLatencyContext::regions(int buffer, int hidden, int max_tokens,
+                                       int num_experts) const {
+  MPIEP_CHECK_ARG(buffer == 0 || buffer == 1, "buffer index must be 0 or 1");
+  return ll::make_regions(heap_ + buffer * half_bytes_, hidden, max_tokens, num_experts, size_);
+}
+
+}  // namespace mpiep

@@ -1,0 +1,92 @@
+// The low-latency mode's per-Buffer runtime: the NVSHMEM symmetric heap (two halves, double
+// buffering), the table of peers mapped by NVLink, the host-mapped timeout record, and the
+// launches of the dispatch / combine kernels on a caller's stream. Torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "mpiep/export.h"
+#include "mpiep/low_latency.h"
+
+namespace mpiep {
+
+// One low-latency dispatch: device pointers and sizes (see ll::DispatchParams).
+struct LowLatencyDispatchCall {
+  const void* x;            // [T, H] bf16
+  const int64_t* topk_idx;  // [T, K]
+  int num_tokens, num_topk, hidden, max_tokens, num_experts;
+  bool fp8, round_scale, ue8m0;
+  void* recv_x;
+  void* recv_scales;  // or null
+  int* recv_count;
+  int* src_token_idx;
+  int* layout_range;
+  int* stats;  // or null
+  int buffer;  // 0 or 1: the heap half
+  int phases;  // ll::kSendPhase | ll::kRecvPhase
+};
+
+// One low-latency combine.
+struct LowLatencyCombineCall {
+  const void* y;  // [E_local, R*max, H] bf16
+  const int64_t* topk_idx;
+  const float* topk_weights;
+  const int* src_token_idx;
+  const int* layout_range;
+  void* out;  // [T, H] bf16
+  int num_tokens, num_topk, hidden, max_tokens, num_experts;
+  bool zero_copy;
+  int buffer, phases;
+};
+
+class MPIEP_API LowLatencyContext {
+ public:
+  LowLatencyContext(int device, size_t heap_bytes, bool allow_nvlink, int num_blocks,
+                    double timeout_s);
+  ~LowLatencyContext();
+  LowLatencyContext(const LowLatencyContext&) = delete;
+  LowLatencyContext& operator=(const LowLatencyContext&) = delete;
+
+  void set_timeout(double s);
+  void dispatch(const LowLatencyDispatchCall& c, cudaStream_t stream);
+  void combine(const LowLatencyCombineCall& c, cudaStream_t stream);
+  // The symmetric area the next combine into `buffer` sends from (zero-copy combine).
+  uint8_t* combine_send_buffer(int buffer, int hidden, int max_tokens, int num_experts) const;
+  // Zeroes every signal and the timeout state on this rank; the caller synchronises its
+  // streams first and barriers after (all ranks clean together).
+  void clean();
+  // The first timed-out wait, if any.
+  std::optional<ll::ErrorRecord> error() const;
+  void destroy();
+
+  std::vector<bool> nvlink_peers() const { return nvlink_peers_; }
+  size_t half_bytes() const { return half_bytes_; }
+  uint8_t* heap() const { return heap_; }
+  double timeout_s() const { return timeout_s_; }
+  int num_ranks() const { return size_; }
+  int device() const { return device_; }
+
+ private:
+  static size_t kSignal() { return ll::kSignalBytes; }
+  void check_shape(int hidden, int max_tokens, int num_experts, int num_tokens) const;
+  ll::Common common() const;
+  ll::Regions regions(int buffer, int hidden, int max_tokens, int num_experts) const;
+
+  int device_ = 0, num_blocks_ = 1, rank_ = 0, size_ = 1, clock_khz_ = 0;
+  size_t half_bytes_ = 0;
+  uint8_t* heap_ = nullptr;
+  uint8_t** peer_bases_ = nullptr;
+  volatile ll::ErrorRecord* err_host_ = nullptr;
+  ll::ErrorRecord* err_dev_ = nullptr;
+  int* err_lock_ = nullptr;
+  double timeout_s_ = 0;
+  long long timeout_cycles_ = 0;
+  std::vector<bool> nvlink_peers_;
+};
+
+}  // namespace mpiep
