@@ -26,7 +26,7 @@ from mpi4py import MPI
 import deep_ep_scenarios as sc
 import mpiep
 import mpiep.deep_ep as deep_ep
-from conftest import collective_check
+from conftest import BUFFER_TIMEOUT_S, collective_check
 from mpiep import config as mcfg
 from mpiep.deep_ep import group as pg
 from mpiep.deep_ep import handles as hd
@@ -37,6 +37,9 @@ from mpiep.handles import DispatchHandle, LowLatencyHandle
 pytestmark = pytest.mark.timeout(240)
 
 CPU = torch.device("cpu")
+# mpiep's own keywords, the only non-DeepEP arguments here: keep these tests on the reference
+# backend and CPU tensors on a GPU machine too (tests/gpu/ covers the default path there).
+CPU_ONLY: dict[str, Any] = {"backend": "reference", "device": "cpu", "timeout_s": BUFFER_TIMEOUT_S}
 HIDDEN = 256
 LL_HIDDEN = 512  # UE8M0 packs four 128-channel scales per int32
 
@@ -92,7 +95,7 @@ def test_moe_layer_forward_backward(
                     deep_ep.Buffer(group, 1 << 20)
                 return
             case = sc.make_normal_case(tcomm, seed, HIDDEN, 4, 4, pattern)
-            buffer = deep_ep.Buffer(group, deep_ep_nvl_bytes(HIDDEN * 2, group.size()))
+            buffer = deep_ep.Buffer(group, deep_ep_nvl_bytes(HIDDEN * 2, group.size()), **CPU_ONLY)
             try:
                 assert buffer.group is group and buffer.rank == tcomm.rank
                 assert buffer.mpiep_buffer.backend_name == "reference"
@@ -124,7 +127,9 @@ def test_dispatch_fp8_alignment_worst_and_cached(
             if tcomm is None:
                 return
             case = sc.make_normal_case(tcomm, seed, HIDDEN, 4, 2, "random")
-            buffer = deep_ep.Buffer(group, deep_ep_nvl_bytes(HIDDEN * 2, group.size()), 0)
+            buffer = deep_ep.Buffer(
+                group, deep_ep_nvl_bytes(HIDDEN * 2, group.size()), 0, **CPU_ONLY
+            )
             try:
                 sc.run_normal_extras(buffer, case, CPU, fp8, worst)
             finally:
@@ -141,9 +146,9 @@ def test_mpi_communicator_instead_of_group(comm: MPI.Comm, seed: int, how: str) 
         case = sc.make_normal_case(sub, seed, HIDDEN, 2, 2, "random")
         nvl = deep_ep_nvl_bytes(HIDDEN * 2, sub.size)
         buffer = (
-            deep_ep.Buffer(None, nvl, comm=sub)
+            deep_ep.Buffer(None, nvl, comm=sub, **CPU_ONLY)
             if how == "comm_keyword"
-            else deep_ep.Buffer(sub, nvl)
+            else deep_ep.Buffer(sub, nvl, **CPU_ONLY)
         )
         try:
             assert buffer.group is sub and buffer.group_size == sub.size
@@ -183,7 +188,9 @@ def test_low_latency_decode_step(
                 return
             case = sc.make_low_latency_case(tcomm, seed, LL_HIDDEN, 4, 3, max_tokens=24)
             rdma, qps = sc.low_latency_buffer_args(case)
-            buffer = deep_ep.Buffer(group, 0, rdma, low_latency_mode=True, num_qps_per_rank=qps)
+            buffer = deep_ep.Buffer(
+                group, 0, rdma, low_latency_mode=True, num_qps_per_rank=qps, **CPU_ONLY
+            )
             try:
                 sc.run_low_latency_layer(buffer, case, CPU, mode, hook, zero_copy)
                 # A second step into the same buffer, after DeepEP's clean call.
@@ -235,7 +242,7 @@ def test_one_rank_end_to_end(seed: int) -> None:
         group, tcomm = sc.make_group("world")
         assert tcomm is not None
         case = sc.make_normal_case(tcomm, seed, HIDDEN, 2, 3, "holes")
-        buffer = deep_ep.Buffer(group, deep_ep_nvl_bytes(HIDDEN * 2, 1))
+        buffer = deep_ep.Buffer(group, deep_ep_nvl_bytes(HIDDEN * 2, 1), **CPU_ONLY)
         try:
             sc.run_normal_layer(buffer, case, CPU, async_finish=True)
         finally:
