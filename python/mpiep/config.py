@@ -80,10 +80,13 @@ class Config:
 
 
 def normal_row_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
-    """Bytes of one token row in the normal-mode buffer: data, FP8 scales, top-k, source id."""
+    """Bytes of one token row in the normal-mode buffer: data, FP8 scales, then the top-k
+    local ids (int32) and weights (float) and the source token id. Mirrors
+    ``intranode::dispatch_row_bytes`` (include/mpiep/intranode.h); tests/test_sizes.py
+    checks the two agree wherever the core is built."""
     data = hidden * (1 if fp8 else 2)
     scales = (hidden // FP8_BLOCK) * 4 if fp8 else 0
-    return _align(data) + _align(scales) + _align(num_topk * (8 + 4) + 4)
+    return _align(data) + _align(scales) + _align(num_topk * (4 + 4) + 4)
 
 
 def get_normal_buffer_size_hint(

@@ -20,18 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from mpiep.backends.base import DispatchResult, Layout
 from mpiep.backends import native
+from mpiep.backends.base import DispatchResult, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
-from mpiep.errors import CapacityError
 from mpiep.handles import DispatchHandle
-
-FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else int(t.data_ptr())
 
 
 class IntranodeEngine:

@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 import torch
 
+from mpiep.backends import native
 from mpiep.backends.base import LowLatencyDispatchResult
 from mpiep.backends.nvshmem_boot import core as nvshmem_core
 from mpiep.backends.nvshmem_boot import finalize_nvshmem, init_nvshmem  # noqa: F401 (re-export)
-from mpiep.backends import native
 from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle

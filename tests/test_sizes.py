@@ -1,0 +1,65 @@
+"""One source for buffer sizes: the Python size formulas (hints, capacities) equal the core's
+wherever the core is built (CI builds it), and the hints cover what a worst routing needs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+from mpiep import config
+
+SHAPES = [(7168, 8, False), (7168, 8, True), (4096, 4, True), (2048, 1, False), (256, 0, False)]
+
+
+def core():
+    try:
+        return importlib.import_module("mpiep._C")
+    except ImportError:
+        if os.environ.get("MPIEP_EXPECT_CORE") == "1":
+            raise
+        pytest.skip("mpiep._C is not built here")
+
+
+@pytest.mark.parametrize("hidden,topk,fp8", SHAPES)
+def test_normal_row_bytes_match_the_core(hidden: int, topk: int, fp8: bool) -> None:
+    c = core()
+    hidden_bytes = hidden * (1 if fp8 else 2)
+    scales = hidden // 128 if fp8 else 0
+    want = c.intranode_dispatch_row_bytes(hidden_bytes, scales, topk)
+    assert config.normal_row_bytes(hidden, topk, fp8) == want
+
+
+@pytest.mark.parametrize("hidden,topk,fp8", SHAPES)
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 8])
+def test_internode_row_bytes_match_the_core(hidden, topk, fp8, ranks_per_node) -> None:
+    c = core()
+    hidden_bytes = hidden * (1 if fp8 else 2)
+    scales = hidden // 128 if fp8 else 0
+    want = c.internode_rdma_dispatch_row_bytes(hidden_bytes, scales, topk, ranks_per_node)
+    assert config.internode_rdma_row_bytes(hidden, topk, ranks_per_node, fp8) == want
+
+
+@pytest.mark.parametrize("ranks,nodes", [(2, 2), (4, 2), (16, 2), (64, 8), (256, 32), (1024, 128)])
+def test_internode_control_bytes_match_the_core(ranks: int, nodes: int) -> None:
+    assert config.internode_rdma_control_bytes(ranks, nodes) == core().internode_rdma_control_bytes(
+        ranks, nodes
+    )
+
+
+def test_internode_hint_covers_a_worst_routing() -> None:
+    """Every token of every rank to one node: a forwarder there receives tokens x nodes rows
+    and each sender stages as many; the hint must hold both plus the control area."""
+    tokens, hidden, ranks, rpn, topk = 512, 2048, 8, 2, 8
+    nodes = ranks // rpn
+    row = config.internode_rdma_row_bytes(hidden, topk, rpn, fp8=False)
+    need = config.internode_rdma_control_bytes(ranks, nodes) + 2 * nodes * tokens * row
+    assert config.get_internode_rdma_size_hint(tokens, hidden, ranks, rpn, topk) >= need
+
+
+def test_normal_hint_covers_a_full_receive() -> None:
+    tokens, hidden, ranks, topk = 300, 4096, 4, 8
+    row = config.normal_row_bytes(hidden, topk, fp8=False)
+    hint = config.get_normal_buffer_size_hint(tokens, hidden, ranks, topk)
+    assert hint >= config.CONTROL_BYTES + ranks * tokens * row
