@@ -430,6 +430,8 @@ def test_bench_shape(engines):
             print("internode bench:", json.dumps(allres))
             out_dir = os.environ.get("OUT")
             if out_dir:
-                Path(out_dir, "internode_test_bench.json").write_text(json.dumps(allres, indent=1))
+                Path(out_dir, f"internode_bench_np{SIZE}.json").write_text(
+                    json.dumps(allres, indent=1)
+                )
 
     engines.run((rpn, False), body)
