@@ -64,9 +64,10 @@ struct NvlControl {
   unsigned int exit_count;          // "last block leaves" counter of the data kernels
   int pad_[3];
   // Rows delivered into this rank's NVLink buffer, added by the writers after each chunk
-  // and reset by the last block of the kernel that consumed them.
-  unsigned long long dispatch_rows[kMaxLocalRanks];  // [forwarder local index]
-  unsigned long long combine_rows[kMaxLocalRanks];   // [receiver local index]
+  // and reset by the last block of the kernel that consumed them. Counted per source node,
+  // so that a reader can start on one node's rows while others are still on their way.
+  unsigned long long dispatch_rows[kMaxLocalRanks][kMaxNodes];  // [forwarder][source node]
+  unsigned long long combine_rows[kMaxLocalRanks][kMaxNodes];   // [receiver][source node]
 };
 static_assert(sizeof(NvlControl) <= kNvlControlBytes, "NVLink control area too large");
 
@@ -141,7 +142,7 @@ __host__ __device__ inline int64_t combine_row_bytes(int hidden, int num_topk) {
 // Offsets are in rows. R ranks, N nodes, L local ranks; this rank is (n0, l0).
 struct TableLayout {
   int status, recv_prefix, rdma_in_base, rdma_in_count, rdma_out_base, my_node_base, comb_out_base,
-      fwd_expect, comb_expect, fwd_slot_base, recv_slot_base, total;
+      fwd_slot_base, recv_slot_base, total;
 };
 // Row counts: the maxima over all ranks (identical on every rank, so that every rank takes
 // the same capacity decision) and this rank's own.
@@ -173,10 +174,6 @@ __host__ __device__ inline TableLayout table_layout(int R, int N, int L) {
   off += N;
   t.comb_out_base = off;  // [N]: where my node's rows start in source (m, l0)'s combine area
   off += N;
-  t.fwd_expect = off;  // [L]: rows forwarder (n0, l) writes to me in dispatch
-  off += L;
-  t.comb_expect = off;  // [L]: rows local rank j writes to me (forwarder) in combine
-  off += L;
   t.fwd_slot_base = off;  // [L][N]: my combine NVLink slots of (j, source node m)
   off += L * N;
   t.recv_slot_base = off;  // [L][N]: my slots in forwarder l's combine area, source node m

@@ -59,7 +59,7 @@ __device__ void return_phase(const CombineArgs& a, const Tables& tb, const Count
                      lane);
     }
     __syncwarp();
-    if (lane == 0) red_add_release_sys(&p.nvl_ctrl[l]->combine_rows[tp.local], q1 - q0);
+    if (lane == 0) red_add_release_sys(&p.nvl_ctrl[l]->combine_rows[tp.local][m], q1 - q0);
     __syncwarp();
   }
 }
@@ -72,18 +72,24 @@ __device__ bool reduce_phase(const CombineArgs& a, const Tables& tb, int64_t row
   const int N = tp.num_nodes, L = tp.local_ranks, K = a.num_topk;
   const int lane = threadIdx.x % 32, n16 = a.hidden * 2 / 16;
   NvlControl* own = p.nvl_ctrl[tp.local];
-  bool ok = true;
-  if (lane < L && lane != tp.local)
-    ok = wait_at_least(p, reinterpret_cast<const uint64_t*>(&own->combine_rows[lane]),
-                       uint64_t(tb.comb_expect(lane)), kPhaseCombineForward, tp.node * L + lane);
-  if (!__all_sync(kFullMask, ok)) return false;
+  const Counts cn{a.counts, tp.num_ranks, N};
   const uint8_t* slots = p.nvl_rows[tp.local];
   const int64_t data = p.rdma_ctrl.total;
   const int64_t stage = data + align_up(int64_t(tb.status(kSendRows)) * row_bytes, 16);
   auto count = [&](int m) { return tb.rdma_in_count(m); };
-  int m, p0, p1;
+  int m, p0, p1, waited = -1;
   for (int i = gw; nth_chunk(i, N, a.chunk, count, &m, &p0, &p1); i += num_warps) {
     const int s = m * L + tp.local;
+    if (m != waited) {
+      // Every other local rank has returned all its rows of source s (lane j waits for j).
+      bool ok = true;
+      if (lane < L && lane != tp.local)
+        ok = wait_at_least(p, reinterpret_cast<const uint64_t*>(&own->combine_rows[lane][m]),
+                           uint64_t(cn.M(s, tp.node * L + lane)), kPhaseCombineForward,
+                           tp.node * L + lane);
+      if (!__all_sync(kFullMask, ok)) return false;
+      waited = m;
+    }
     const int64_t remote = data + (int64_t(tb.comb_out_base(m)) + p0) * row_bytes;
     uint8_t* mapped = rdma_direct(p, remote, s);
     uint8_t* base =
@@ -242,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (reduce_phase(a, tb, row_bytes, w_off, uint64_t(epoch), gw, num_warps))
       sum_phase(a, tb, row_bytes, w_off, uint64_t(epoch), gw, num_warps);
   }
-  finish_data_kernel(own, epoch, own->combine_rows, p.topo.local_ranks);
+  finish_data_kernel(own, epoch, own->combine_rows, p.topo.local_ranks, p.topo.num_nodes);
 }
 
 }  // namespace

@@ -63,8 +63,6 @@ struct Tables {
   __device__ __forceinline__ int comb_out_base(int m) const {
     return __ldg(t + l.comb_out_base + m);
   }
-  __device__ __forceinline__ int fwd_expect(int l_) const { return __ldg(t + l.fwd_expect + l_); }
-  __device__ __forceinline__ int comb_expect(int j) const { return __ldg(t + l.comb_expect + j); }
   __device__ __forceinline__ int fwd_slot_base(int j, int m) const {
     return __ldg(t + l.fwd_slot_base + j * N + m);
   }
@@ -113,15 +111,29 @@ __device__ __forceinline__ bool failed_before(const HostInfo* host) {
   return *reinterpret_cast<const volatile int*>(&host->error_phase) != 0;
 }
 
-// Spins until *flag >= want. On timeout (or when another wait of this rank already failed)
-// reports and returns false. Called by one lane.
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Spins until *flag >= want, then acquires it once. Polls with relaxed loads and a growing
+// sleep: every warp runs every phase, so pollers share SMs with warps that copy, and a
+// system-scope acquire per poll would stall those SMs' memory pipelines. On timeout (or when
+// another wait of this rank already failed) reports and returns false. Called by one lane.
 __device__ __forceinline__ bool wait_at_least(const Peers& p, const uint64_t* flag, uint64_t want,
                                               int phase, int peer) {
   if (ld_acquire_sys(flag) >= want) return true;
   const uint64_t deadline = global_ns() + p.timeout_ns;
+  unsigned sleep_ns = 32;
   for (unsigned iter = 1;; ++iter) {
-    if (ld_acquire_sys(flag) >= want) return true;
-    if ((iter & 255) == 0) {
+    if (ld_relaxed_sys(flag) >= want) {
+      (void)ld_acquire_sys(flag);  // monotonic: still >= want, now with acquire semantics
+      return true;
+    }
+    __nanosleep(sleep_ns);
+    if (sleep_ns < 1024) sleep_ns *= 2;
+    if ((iter & 15) == 0) {
       if (failed_before(p.host)) return false;
       if (global_ns() > deadline) {
         report_error(p.host, phase, peer);
@@ -217,13 +229,16 @@ __device__ __forceinline__ int64_t read_data_epoch(NvlControl* own) {
   return *reinterpret_cast<volatile int64_t*>(&own->data_epoch) + 1;
 }
 __device__ __forceinline__ void finish_data_kernel(NvlControl* own, int64_t epoch,
-                                                   unsigned long long* consumed, int n) {
+                                                   unsigned long long (*consumed)[kMaxNodes],
+                                                   int local_ranks, int num_nodes) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&own->exit_count, 1u) == gridDim.x - 1) {
       own->exit_count = 0;
-      for (int i = 0; i < n; ++i) reinterpret_cast<volatile unsigned long long*>(consumed)[i] = 0;
+      for (int j = 0; j < local_ranks; ++j)
+        for (int m = 0; m < num_nodes; ++m)
+          reinterpret_cast<volatile unsigned long long*>(&consumed[j][m])[0] = 0;
       __threadfence_system();
       *reinterpret_cast<volatile int64_t*>(&own->data_epoch) = epoch;
     }

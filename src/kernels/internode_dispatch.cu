@@ -155,12 +155,13 @@ __device__ unsigned deliver(const DispatchArgs& a, const Tables& tb, const Rows&
   return members;
 }
 
-// After a chunk: tell each other local rank how many rows it got (lane j counted them).
-__device__ __forceinline__ void publish_rows(const Peers& p, int sent) {
+// After a chunk of source node m's rows: tell each other local rank how many it got (lane j
+// counted them).
+__device__ __forceinline__ void publish_rows(const Peers& p, int m, int sent) {
   const int lane = threadIdx.x % 32;
   __syncwarp();
   if (lane < p.topo.local_ranks && lane != p.topo.local && sent > 0)
-    red_add_release_sys(&p.nvl_ctrl[lane]->dispatch_rows[p.topo.local], sent);
+    red_add_release_sys(&p.nvl_ctrl[lane]->dispatch_rows[p.topo.local][m], sent);
   __syncwarp();
 }
 
@@ -189,7 +190,7 @@ __device__ void send_phase(const DispatchArgs& a, const Tables& tb, const Counts
         deliver(a, tb, rw, FromInput{a, t}, me, pos);
         sent += pos >= 0 ? 1 : 0;
       }
-      publish_rows(p, sent);
+      publish_rows(p, n, sent);
       continue;
     }
     const int pe = n * L + tp.local;
@@ -268,7 +269,7 @@ __device__ bool forward_phase(const DispatchArgs& a, const Tables& tb, const Row
       deliver(a, tb, rw, FromRdma{row, rw, K}, s, pos);
       sent += pos >= 0 ? 1 : 0;
     }
-    publish_rows(p, sent);
+    publish_rows(p, m, sent);
   }
   return true;
 }
@@ -300,8 +301,8 @@ __device__ __forceinline__ void copy_out_row(const DispatchArgs& a, const Rows& 
   if (lane == 0) a.recv_src_idx[r] = __ldcg(meta + 2 * K);
 }
 
-// Phase 3: rows from source s sit at [recv_prefix(s), + M(s, me)) of my NVLink buffer once
-// forwarder s % L (another rank of my node) has delivered its whole count.
+// Phase 3: rows from source s = (m, l) sit at [recv_prefix(s), + M(s, me)) of my NVLink
+// buffer once forwarder l (another rank of my node) has delivered all of them.
 __device__ bool receive_phase(const DispatchArgs& a, const Tables& tb, const Counts& cn,
                               const Rows& rw, int gw, int num_warps) {
   const Peers& p = a.peers;
@@ -309,19 +310,18 @@ __device__ bool receive_phase(const DispatchArgs& a, const Tables& tb, const Cou
   const int R = tp.num_ranks, L = tp.local_ranks, me = tp.rank, lane = threadIdx.x % 32;
   NvlControl* own = p.nvl_ctrl[tp.local];
   const uint8_t* rows = p.nvl_rows[tp.local];
-  unsigned complete = 0;  // bit l: forwarder l delivered everything
   // Rows of sources whose forwarder is this rank were written straight into the outputs.
   auto count = [&](int s) { return s % L == tp.local ? 0 : cn.M(s, me); };
-  int s, q0, q1;
+  int s, q0, q1, waited = -1;
   for (int i = gw; nth_chunk(i, R, a.chunk, count, &s, &q0, &q1); i += num_warps) {
-    const int l = s % L;
-    if (!((complete >> l) & 1u)) {
+    const int l = s % L, m = s / L;
+    if (s != waited) {
       bool ok = true;
       if (lane == 0)
-        ok = wait_at_least(p, reinterpret_cast<const uint64_t*>(&own->dispatch_rows[l]),
-                           uint64_t(tb.fwd_expect(l)), kPhaseDispatchRecv, tp.node * L + l);
+        ok = wait_at_least(p, reinterpret_cast<const uint64_t*>(&own->dispatch_rows[l][m]),
+                           uint64_t(cn.M(s, me)), kPhaseDispatchRecv, tp.node * L + l);
       if (!__shfl_sync(kFullMask, ok, 0)) return false;
-      complete |= 1u << l;
+      waited = s;
     }
     const int64_t first = tb.recv_prefix(tp.local, s);
     for (int q = q0; q < q1; ++q) copy_out_row(a, rw, rows + (first + q) * rw.nvl, first + q);
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         receive_phase(a, tb, cn, rw, gw, num_warps) && a.worst)
       pad_tail(a, tb, gw, num_warps);
   }
-  finish_data_kernel(own, epoch, own->dispatch_rows, p.topo.local_ranks);
+  finish_data_kernel(own, epoch, own->dispatch_rows, p.topo.local_ranks, p.topo.num_nodes);
 }
 
 }  // namespace

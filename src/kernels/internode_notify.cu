@@ -179,13 +179,6 @@ __device__ void exchange(const NotifyArgs& a) {
   }
   if (threadIdx.x < L) {
     const int j = threadIdx.x;
-    int fwd = 0, comb = 0;
-    for (int m = 0; m < N; ++m) {
-      fwd += M(m * L + j, me);            // forwarder j -> me
-      comb += M(m * L + l0, n0 * L + j);  // me (forwarder) -> j
-    }
-    tb[tl.fwd_expect + j] = fwd;
-    tb[tl.comb_expect + j] = comb;
     // My combine slots: rank j's rows first grouped by local rank (j' < j), then by source
     // node m, each group in j's receive order.
     int base = 0;
