@@ -157,10 +157,17 @@ class Communicator:
         sigs = self.allgather(tuple(signature), f"{what}: argument check")
         failed = [(r, s[1]) for r, s in enumerate(sigs) if s and s[0] == "__error__"]
         if failed:
-            rank, message = failed[0]
-            if rank == self.rank:
+            if any(rank == self.rank for rank, _ in failed):
                 return  # the caller raises its own, more specific, exception
-            raise ArgumentMismatchError(f"{what}: rank {rank} rejected its arguments: {message}")
+            ranks = ", ".join(str(rank) for rank, _ in failed)
+            who = (
+                f"rank {ranks} rejected its"
+                if len(failed) == 1
+                else f"ranks {ranks} rejected their"
+            )
+            details = "; ".join(f"rank {rank}: {message}" for rank, message in failed[:8])
+            more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
+            raise ArgumentMismatchError(f"{what}: {who} arguments: {details}{more}")
         mine = sigs[self.rank]
         for r, sig in enumerate(sigs):
             if sig != mine:
