@@ -17,6 +17,7 @@ import torch
 from mpi4py import MPI
 
 from mpiep import config as cfg
+from mpiep import handle_checks as hc
 from mpiep import validate as val
 from mpiep.backends.base import Backend, Layout
 from mpiep.comm import Communicator
@@ -24,6 +25,7 @@ from mpiep.config import Config
 from mpiep.errors import CapacityError
 from mpiep.event import EventOverlap
 from mpiep.handles import DispatchHandle, LowLatencyHandle
+from mpiep.hooks import HookTracker
 
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -107,6 +109,10 @@ class Buffer:
             validate = env == "1" if env is not None else self.backend.name == "reference"
         self.validate = bool(validate)
         self._destroyed = False
+        self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
+        self._dispatches = 0  # non-cached dispatch calls: a handle's generation
+        self._ll_dispatches = 0
+        self._hooks = HookTracker()
 
     # -- set-up -------------------------------------------------------------------------
     def _pick_device(self, device: str | torch.device | None) -> torch.device:
@@ -193,7 +199,7 @@ class Buffer:
         signature: Sequence[Any] = ()
         try:
             signature = check()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
         if self.validate:
             sent = ("__error__", f"{type(error).__name__}: {error}") if error else signature
@@ -356,11 +362,10 @@ class Buffer:
                     f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}"
                 )
             num_topk = None
+            handle_id = None
             if cached:
-                if not isinstance(handle, DispatchHandle):
-                    raise TypeError(
-                        f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
-                    )
+                hc.check_dispatch_handle(handle, self._id, self.group_size)
+                handle_id = f"dispatch #{handle.generation}"
                 if handle.num_tokens != tokens or handle.hidden != hidden:
                     raise ValueError(
                         f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
@@ -432,9 +437,13 @@ class Buffer:
                 ("expert_alignment", expert_alignment),
                 ("num_worst_tokens", num_worst_tokens),
                 ("config", config),
+                ("handle", handle_id),
             )
 
         self._checked("dispatch", check)
+        if not cached:
+            self._dispatches += 1
+        generation = self._dispatches
         layout = None
         if not cached:
             layout = Layout(
@@ -466,6 +475,8 @@ class Buffer:
             lambda r: [r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights],
         )
         recv_x = (result.recv_x, result.recv_x_scales) if scales is not None else result.recv_x
+        if result.handle.owner == 0:
+            result.handle.owner, result.handle.generation = self._id, generation
         if cached:
             return recv_x, None, None, None, result.handle, event
         return (
@@ -502,10 +513,7 @@ class Buffer:
             biases = tuple(b for b in bias if b is not None)
 
         def check() -> Sequence[Any]:
-            if not isinstance(handle, DispatchHandle):
-                raise TypeError(
-                    f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
-                )
+            hc.check_dispatch_handle(handle, self._id, self.group_size)
             rows = handle.num_output_rows
             val.check_tensor("x", x, BF16, 2, self.device, (rows, handle.hidden))
             if topk_weights is not None:
@@ -523,6 +531,7 @@ class Buffer:
                 ("num_topk", None if topk_weights is None else topk_weights.shape[1]),
                 ("num_bias", len(biases)),
                 ("config", config),
+                ("handle", f"dispatch #{handle.generation}"),
             )
 
         self._checked("combine", check)
@@ -604,6 +613,7 @@ class Buffer:
                 )
             self._check_low_latency(max_tokens, hidden, num_experts)
             val.check_topk_idx(topk_idx, num_experts, self.validate)
+            self._hooks.check_free("dispatch")
             return (
                 ("op", "low_latency_dispatch"),
                 ("hidden", hidden),
@@ -619,6 +629,8 @@ class Buffer:
         self._checked("low_latency_dispatch", check)
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
+        self._ll_dispatches += 1
+        generation = self._ll_dispatches
         result, event = self._ll_stream(
             lambda: self.backend.low_latency_dispatch(
                 x,
@@ -637,7 +649,14 @@ class Buffer:
             lambda r: [r.recv_x, r.recv_x_scales, r.recv_count],
         )
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
-        return recv_x, result.recv_count, result.handle, event, result.hook
+        handle = result.handle
+        handle.owner, handle.generation, handle.num_ranks = self._id, generation, self.group_size
+        hc.record_dispatched_topk(handle, topk_idx, copy=self.validate)
+        hook = result.hook
+        handle.ticket = self._hooks.issue("dispatch", hook is not None)
+        if hook is not None:
+            hook = self._hooks.wrap(handle.ticket, hook)
+        return recv_x, result.recv_count, handle, event, hook
 
     def low_latency_combine(
         self,
@@ -661,10 +680,8 @@ class Buffer:
         """
 
         def check() -> Sequence[Any]:
-            if not isinstance(handle, LowLatencyHandle):
-                raise TypeError(
-                    f"handle must come from low_latency_dispatch, got {type(handle).__name__}"
-                )
+            hc.check_low_latency_handle(handle, self._id, self.group_size)
+            hc.check_received(handle)
             if use_logfmt:
                 raise ValueError("use_logfmt is not supported yet")
             e_local = handle.num_experts // self.group_size
@@ -677,6 +694,7 @@ class Buffer:
             val.check_tensor(
                 "topk_weights", topk_weights, torch.float32, 2, self.device, tuple(topk_idx.shape)
             )
+            hc.check_dispatched_topk(handle, topk_idx)
             if out is not None:
                 val.check_tensor(
                     "out", out, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
@@ -684,12 +702,14 @@ class Buffer:
             self._check_low_latency(
                 handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
             )
+            self._hooks.check_free("combine")
             return (
                 ("op", "low_latency_combine"),
                 ("hidden", handle.hidden),
                 ("num_topk", topk_idx.shape[1]),
                 ("zero_copy", zero_copy),
                 ("return_recv_hook", return_recv_hook),
+                ("handle", f"low_latency_dispatch #{handle.generation}"),
             )
 
         self._checked("low_latency_combine", check)
@@ -704,6 +724,9 @@ class Buffer:
             [x, topk_idx, topk_weights],
             lambda r: [r[0]],
         )
+        ticket = self._hooks.issue("combine", hook is not None)
+        if ticket is not None and hook is not None:
+            hook = self._hooks.wrap(ticket, hook)
         return combined, event, hook
 
     def _ll_stream(self, run, async_finish, return_recv_hook, inputs, outputs):  # type: ignore[no-untyped-def]
@@ -718,6 +741,7 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
         self._ensure_alive()
+        hc.check_low_latency_handle(handle, self._id, self.group_size)
         return self.backend.get_next_low_latency_combine_buffer(handle)
 
     def clean_low_latency_buffer(
@@ -727,6 +751,7 @@ class Buffer:
         self._ensure_alive()
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._hooks.clean()
 
     # -- teardown -----------------------------------------------------------------------
     def destroy(self) -> None:
