@@ -92,6 +92,7 @@ class Buffer:
             raise ValueError(f"backend must be 'auto', 'cuda' or 'reference', got {backend!r}")
 
         self.comm = Communicator(comm, ranks_per_node=ranks_per_node, timeout_s=timeout_s)
+        self._destroyed = False  # from here on __del__ frees what exists
         self.rank = self.comm.rank
         self.group_size = self.comm.size
         self.num_nvl_bytes = num_nvl_bytes
@@ -108,7 +109,6 @@ class Buffer:
             env = os.environ.get("MPIEP_VALIDATE")
             validate = env == "1" if env is not None else self.backend.name == "reference"
         self.validate = bool(validate)
-        self._destroyed = False
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         self._ll_dispatches = 0
@@ -763,10 +763,20 @@ class Buffer:
         self.comm.free()
 
     def __del__(self) -> None:
-        if getattr(self, "_destroyed", True) or getattr(self, "explicitly_destroy", True):
+        """A Buffer dropped without ``destroy()``: free its communicators (``MPI_Comm_free``
+        needs no peer in practice: Open MPI and MPICH free locally) and, unless
+        ``explicitly_destroy``, the backend's buffers."""
+        if getattr(self, "_destroyed", True):
             return
+        self._destroyed = True
+        backend = getattr(self, "backend", None)
+        if backend is not None and not getattr(self, "explicitly_destroy", True):
+            try:
+                backend.destroy()
+            except Exception:
+                pass
         try:
-            self.backend.destroy()
+            self.comm.free()
         except Exception:
             pass
 
