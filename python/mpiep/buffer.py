@@ -17,6 +17,7 @@ import torch
 from mpi4py import MPI
 
 from mpiep import config as cfg
+from mpiep import faults
 from mpiep import handle_checks as hc
 from mpiep import validate as val
 from mpiep.backends.base import Backend, Layout
@@ -28,6 +29,16 @@ from mpiep.handles import DispatchHandle, LowLatencyHandle
 from mpiep.hooks import HookTracker
 
 BF16 = torch.bfloat16
+# Calls that wait on peers (guarded with abort_on_timeout).
+_COLLECTIVE_METHODS = (
+    "get_dispatch_layout",
+    "dispatch",
+    "combine",
+    "low_latency_dispatch",
+    "low_latency_combine",
+    "clean_low_latency_buffer",
+    "destroy",
+)
 FP8 = torch.float8_e4m3fn
 X_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 
@@ -61,6 +72,9 @@ class Buffer:
             device sync and an MPI allgather); env MPIEP_VALIDATE=0/1.
         device: the CUDA device to use (default: local rank modulo visible devices), or
             "cpu" to force CPU tensors.
+        abort_on_timeout: after a ``PeerTimeoutError`` (raised as usual), abort the whole
+            job with ``MPI_Abort`` at exit or 2 s later, instead of hanging in
+            ``MPI_Finalize`` on a peer that never comes (env MPIEP_ABORT_ON_TIMEOUT=1).
     """
 
     num_sms: int = 24
@@ -82,6 +96,7 @@ class Buffer:
         timeout_s: float | None = None,
         validate: bool | None = None,
         device: str | torch.device | None = None,
+        abort_on_timeout: bool | None = None,
     ) -> None:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0:
@@ -91,7 +106,12 @@ class Buffer:
         if backend not in ("auto", "cuda", "reference"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'reference', got {backend!r}")
 
-        self.comm = Communicator(comm, ranks_per_node=ranks_per_node, timeout_s=timeout_s)
+        self.comm = Communicator(
+            comm,
+            ranks_per_node=ranks_per_node,
+            timeout_s=timeout_s,
+            abort_on_timeout=abort_on_timeout,
+        )
         self._destroyed = False  # from here on __del__ frees what exists
         self.rank = self.comm.rank
         self.group_size = self.comm.size
@@ -113,6 +133,8 @@ class Buffer:
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         self._ll_dispatches = 0
         self._hooks = HookTracker()
+        if self.comm.abort_on_timeout:  # also timeouts that backends raise themselves (GPU)
+            faults.guard_methods(self, _COLLECTIVE_METHODS, self.comm.timed_out)
 
     # -- set-up -------------------------------------------------------------------------
     def _pick_device(self, device: str | torch.device | None) -> torch.device:
@@ -206,6 +228,11 @@ class Buffer:
             self.comm.agree(sent, what)
         if error is not None:
             raise error
+
+    def _guard_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        if self.comm.abort_on_timeout:
+            return faults.guard(hook, self.comm.timed_out)
+        return hook
 
     def _ensure_alive(self) -> None:
         if self._destroyed:
@@ -655,7 +682,7 @@ class Buffer:
         hook = result.hook
         handle.ticket = self._hooks.issue("dispatch", hook is not None)
         if hook is not None:
-            hook = self._hooks.wrap(handle.ticket, hook)
+            hook = self._guard_hook(self._hooks.wrap(handle.ticket, hook))
         return recv_x, result.recv_count, handle, event, hook
 
     def low_latency_combine(
@@ -726,7 +753,7 @@ class Buffer:
         )
         ticket = self._hooks.issue("combine", hook is not None)
         if ticket is not None and hook is not None:
-            hook = self._hooks.wrap(ticket, hook)
+            hook = self._guard_hook(self._hooks.wrap(ticket, hook))
         return combined, event, hook
 
     def _ll_stream(self, run, async_finish, return_recv_hook, inputs, outputs):  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpiep import faults
 from mpiep.errors import ArgumentMismatchError, PeerTimeoutError
 
 DEFAULT_TIMEOUT_S = 20.0
@@ -43,6 +44,7 @@ class Communicator:
         comm: MPI.Comm | None = None,
         ranks_per_node: int | None = None,
         timeout_s: float | None = None,
+        abort_on_timeout: bool | None = None,
     ) -> None:
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -55,6 +57,8 @@ class Communicator:
         self.timeout_s: float = default_timeout_s() if timeout_s is None else float(timeout_s)
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        self.abort_on_timeout = faults.abort_requested(abort_on_timeout)
+        self._abort_comm = comm  # MPI_Abort goes to the caller's communicator
         # A private duplicate: our control messages never match the caller's. Nonblocking,
         # like every wait on peers here, so that a peer that never comes is a timeout.
         dup, request = comm.Idup()
@@ -131,15 +135,24 @@ class Communicator:
         sleep = 0.0
         while not request.Test():
             if time.monotonic() > deadline:
-                raise PeerTimeoutError(
-                    f"rank {self.rank}/{self.size}: no answer from peers within "
-                    f"{self.timeout_s:g}s in phase '{phase}' (a peer crashed, hangs, or "
-                    f"skipped this call); {consequence}"
+                raise self.timed_out(
+                    PeerTimeoutError(
+                        f"rank {self.rank}/{self.size}: no answer from peers within "
+                        f"{self.timeout_s:g}s in phase '{phase}' (a peer crashed, hangs, or "
+                        f"skipped this call); {consequence}"
+                    )
                 )
             # Spin briefly, then back off: MPI progresses only inside Test().
             if sleep:
                 time.sleep(sleep)
             sleep = min(max(sleep * 2, 1e-5), 1e-3)
+
+    def timed_out(self, error: PeerTimeoutError) -> PeerTimeoutError:
+        """Every PeerTimeoutError passes here before it is raised: with ``abort_on_timeout``
+        the job is aborted shortly after (mpiep.faults)."""
+        if self.abort_on_timeout:
+            faults.arm_abort(self._abort_comm, self.rank, error)
+        return error
 
     def allgather(self, obj: Any, phase: str) -> list[Any]:
         """Allgather of small picklable objects, with the timeout."""
