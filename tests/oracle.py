@@ -88,6 +88,7 @@ def fp8_scales(x: np.ndarray, round_scale: bool = False) -> np.ndarray:
     if round_scale:
         m, p = np.frexp(scale)  # exact: a power of two stays, anything else goes up
         scale = np.where(m == 0.5, scale, np.ldexp(np.float32(1.0), p)).astype(np.float32)
+        scale[~np.isfinite(m)] = np.inf  # an Inf or NaN amax: the block is lost either way
     return scale
 
 

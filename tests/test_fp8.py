@@ -134,3 +134,25 @@ def test_cast_rejects_hidden_not_multiple_of_128() -> None:
 
     with pytest.raises(ValueError, match=r"128|hidden"):
         fp8.per_token_cast_to_fp8(bf16_tensor(np.zeros((2, 200), np.uint16)))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize(
+    ("round_scale", "use_ue8m0"), [(False, False), (True, False), (True, True)]
+)
+def test_non_finite_input_makes_its_block_non_finite(
+    bad: float, round_scale: bool, use_ue8m0: bool
+) -> None:
+    """docs/semantics.md (issue 11, item 9): an Inf or NaN in a 128-channel block makes the
+    whole block dequantise to NaN; other blocks are untouched. Before the fix a NaN with
+    round_scale/UE8M0 gave a scale of -0.0 and the block came back as zeros: silent garbage."""
+    from mpiep.fp8 import per_token_cast_back, per_token_cast_to_fp8
+
+    x = _inputs(5, 3, 512)
+    want_other = per_token_cast_back(*per_token_cast_to_fp8(x, round_scale, use_ue8m0))
+    x[1, 130] = bad  # token 1, block 1
+    back = per_token_cast_back(*per_token_cast_to_fp8(x, round_scale, use_ue8m0)).float()
+    assert torch.isnan(back[1, 128:256]).all(), back[1, 128:136]
+    keep = torch.ones_like(back, dtype=torch.bool)
+    keep[1, 128:256] = False
+    assert torch.equal(back[keep], want_other.float()[keep])
