@@ -97,7 +97,7 @@ def per_token_cast_to_fp8(
 ) -> tuple[np.ndarray, np.ndarray]:
     """FP8 quantisation of float32 ``x`` [T, H] -> (e4m3 bytes [T, H], scales).
 
-    Scales are float32 [T, H/128], or with ``use_ue8m0`` int32 [T, H/512] of packed UE8M0
+    Scales are float32 [T, H/128], or with ``use_ue8m0`` int32 [T, ceil(H/512)] of packed UE8M0
     exponents (``use_ue8m0`` implies power-of-two scales).
     """
     x = np.asarray(x, dtype=np.float32)
@@ -111,23 +111,25 @@ def per_token_cast_to_fp8(
 
 
 def pack_ue8m0(scale: np.ndarray) -> np.ndarray:
-    """Power-of-two float32 scales [T, G] -> int32 [T, G/4]: byte j of int i is group 4i+j."""
+    """Power-of-two float32 scales [T, G] -> int32 [T, ceil(G/4)]: byte j of int i is group
+    4i+j; the bytes past group G-1 are 0."""
     t, g = scale.shape
-    if g % 4:
-        raise ValueError(f"{g} scale groups cannot be packed 4 per int32")
     exps = ((np.ascontiguousarray(scale, dtype=np.float32).view(np.uint32) >> 23) & 0xFF).astype(
         np.uint32
     )
-    e = exps.reshape(t, g // 4, 4)
+    words = (g + 3) // 4
+    exps = np.concatenate([exps, np.zeros((t, 4 * words - g), np.uint32)], axis=1)
+    e = exps.reshape(t, words, 4)
     packed = e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
     return packed.astype(np.uint32).view(np.int32)
 
 
-def unpack_ue8m0(packed: np.ndarray) -> np.ndarray:
-    """int32 [T, G/4] of UE8M0 exponents -> float32 scales [T, G]."""
+def unpack_ue8m0(packed: np.ndarray, groups: int | None = None) -> np.ndarray:
+    """int32 [T, ceil(G/4)] of UE8M0 exponents -> float32 scales [T, G] (G: 4 per word
+    unless ``groups`` says)."""
     u = np.ascontiguousarray(packed).view(np.uint32)
     e = np.stack([(u >> (8 * j)) & 0xFF for j in range(4)], axis=-1).reshape(u.shape[0], -1)
-    return (e.astype(np.uint32) << 23).view(np.float32)
+    return (e[:, :groups].astype(np.uint32) << 23).view(np.float32)
 
 
 def per_token_cast_back(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

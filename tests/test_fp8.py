@@ -71,6 +71,9 @@ def test_oracle_ue8m0_pack_roundtrip() -> None:
     # Little-endian: byte j of int i is group 4i + j.
     assert packed.view(np.uint8).reshape(2, 16)[0, 0] == 127 - 20
     assert np.array_equal(oracle.unpack_ue8m0(packed), scales)
+    three = oracle.pack_ue8m0(scales[:, :13])  # 13 groups: 4 words, the last with 1 byte
+    assert three.shape == (2, 4) and np.all(three.view(np.uint8).reshape(2, 16)[:, 13:] == 0)
+    assert np.array_equal(oracle.unpack_ue8m0(three, 13), scales[:, :13])
 
 
 # --------------------------------------------------------------------------- mpiep.fp8
@@ -89,15 +92,18 @@ def test_cast_to_fp8_matches_oracle(hidden: int, num_tokens: int, round_scale: b
     assert np.array_equal(fp8_bytes(q), want_q)
 
 
-@pytest.mark.parametrize("hidden", [512, 7168])
+@pytest.mark.parametrize("hidden", [128, 512, 640, 2048 + 384, 7168])
 def test_cast_to_fp8_ue8m0(hidden: int) -> None:
-    """UE8M0: power-of-two scales packed four exponent bytes per int32, little-endian."""
+    """UE8M0: power-of-two scales packed four exponent bytes per int32, little-endian, in
+    ceil(H/512) words; the bytes past the last block are 0."""
     from mpiep import fp8
 
     x = _inputs(7, 9, hidden)
     q, s = fp8.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
     want_q, want_s = oracle.per_token_cast_to_fp8(_oracle_input(x), use_ue8m0=True)
-    assert s.dtype == torch.int32 and tuple(s.shape) == (9, hidden // 512)
+    assert s.dtype == torch.int32 and tuple(s.shape) == (9, -(-hidden // 512))
+    unused = s.contiguous().view(torch.uint8)[:, hidden // 128 :]
+    assert torch.all(unused == 0), unused
     assert np.array_equal(s.contiguous().numpy(), want_s)
     assert np.array_equal(fp8_bytes(q), want_q)
 

@@ -606,7 +606,7 @@ class Buffer:
 
         Returns ``(recv_x, recv_count, handle, event, hook)``. ``recv_x`` is bf16
         [E_local, R * max_tokens, H] or, with ``use_fp8``, ``(e4m3, scales)`` with float32
-        scales [E_local, R * max_tokens, H/128] (packed UE8M0 int32 [.., H/512] with
+        scales [E_local, R * max_tokens, H/128] (packed UE8M0 int32 [.., ceil(H/512)] with
         ``use_ue8m0``). Rows of each expert are packed from row 0, grouped by source rank;
         ``recv_count`` [E_local] int32 counts them. With ``return_recv_hook`` the call only
         sends; ``hook()`` completes the receive.

@@ -80,7 +80,6 @@ class LowLatencyContext {
                 int phases, uintptr_t stream) {
     check_shape(hidden, max_tokens, num_experts, num_tokens);
     MPIEP_CHECK_ARG(!fp8 || hidden % 128 == 0, "FP8 low-latency dispatch needs hidden % 128 == 0");
-    MPIEP_CHECK_ARG(!ue8m0 || hidden % 512 == 0, "use_ue8m0 needs hidden % 512 == 0");
     MPIEP_CUDA_CHECK(cudaSetDevice(device_));
     ll::DispatchParams p{};
     p.c = common();

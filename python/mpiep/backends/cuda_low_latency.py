@@ -248,7 +248,7 @@ class LowLatencyEngine:
         if use_fp8:
             recv_x = torch.empty((EL, R * M, H), dtype=torch.float8_e4m3fn, device=dev)
             if use_ue8m0:
-                scales = torch.empty((EL, R * M, H // 512), dtype=torch.int32, device=dev)
+                scales = torch.empty((EL, R * M, (H + 511) // 512), dtype=torch.int32, device=dev)
             else:
                 scales = torch.empty((EL, R * M, H // 128), dtype=torch.float32, device=dev)
         else:
