@@ -51,8 +51,11 @@ def e4m3_round(x: np.ndarray) -> np.ndarray:
 
 
 def e4m3_encode(values: np.ndarray) -> np.ndarray:
-    """Bytes of float32 values that are exactly representable in e4m3fn (see e4m3_round)."""
+    """Bytes of float32 values that are exactly representable in e4m3fn (see e4m3_round),
+    or NaN."""
     v = np.asarray(values, dtype=np.float32).astype(np.float64)
+    nan = np.isnan(v)
+    v = np.where(nan, 0.0, v)
     sign = np.signbit(v).astype(np.uint8) << 7
     a = np.abs(v)
     _, p = np.frexp(a)
@@ -62,7 +65,9 @@ def e4m3_encode(values: np.ndarray) -> np.ndarray:
     mant = np.where(normal, (a / np.ldexp(1.0, e) - 1.0) * 8.0, a / 2.0**-9)
     if not np.all(mant == np.round(mant)) or np.any(mant >= 8) or np.any(biased > 15):
         raise ValueError("e4m3_encode: a value is not representable in e4m3fn")
-    return (sign | (biased.astype(np.uint8) << 3) | mant.astype(np.uint8)).astype(np.uint8)
+    out = (sign | (biased.astype(np.uint8) << 3) | mant.astype(np.uint8)).astype(np.uint8)
+    out[nan] = 0x7F  # NaN (its sign is not specified: compare decoded values)
+    return out
 
 
 def e4m3_decode(b: np.ndarray) -> np.ndarray:
@@ -104,7 +109,8 @@ def per_token_cast_to_fp8(
     t = x.shape[0]
     scale = fp8_scales(x, round_scale or use_ue8m0)
     expanded = np.repeat(scale, FP8_BLOCK, axis=1) if t else np.zeros_like(x)
-    q = e4m3_encode(e4m3_round(x / expanded))
+    with np.errstate(invalid="ignore"):  # inf / inf in a block with an Inf: NaN, as documented
+        q = e4m3_encode(e4m3_round(x / expanded))
     if use_ue8m0:
         return q, pack_ue8m0(scale)
     return q, scale
@@ -282,7 +288,8 @@ def normal_dispatch(
             per_src[s] += 1
     n = len(src_rank)
     recv_idx = np.asarray(idx_rows, dtype=np.int64).reshape(n, num_topk)
-    counts = [int((recv_idx == j).any(axis=1).sum()) for j in range(e_local)]
+    # (token, slot) pairs: a token naming an expert in two slots counts twice (semantics.md)
+    counts = [int((recv_idx == j).sum()) for j in range(e_local)]
     return NormalRecv(
         src_rank=np.asarray(src_rank, dtype=np.int64),
         src_token=np.asarray(src_token, dtype=np.int64),

@@ -640,6 +640,8 @@ class Buffer:
                 )
             self._check_low_latency(max_tokens, hidden, num_experts)
             val.check_topk_idx(topk_idx, num_experts, self.validate)
+            if self.validate:
+                val.check_pairs_per_expert(topk_idx, num_experts, max_tokens)
             self._hooks.check_free("dispatch")
             return (
                 ("op", "low_latency_dispatch"),
