@@ -23,10 +23,11 @@ from mpiep import validate as val
 from mpiep.backends.base import Backend, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
-from mpiep.errors import CapacityError
+from mpiep.errors import CapacityError, PeerTimeoutError
 from mpiep.event import EventOverlap
 from mpiep.handles import DispatchHandle, LowLatencyHandle
 from mpiep.hooks import HookTracker
+from mpiep.shrink import Shrink
 
 BF16 = torch.bfloat16
 # Calls that wait on peers (guarded with abort_on_timeout).
@@ -75,6 +76,9 @@ class Buffer:
         abort_on_timeout: after a ``PeerTimeoutError`` (raised as usual), abort the whole
             job with ``MPI_Abort`` at exit or 2 s later, instead of hanging in
             ``MPI_Finalize`` on a peer that never comes (env MPIEP_ABORT_ON_TIMEOUT=1).
+        enable_shrink: rank masking in low-latency mode (DeepEP's shrink mode): a rank that
+            stops answering is masked and low-latency calls go on among the others, its
+            experts absent; ``low_latency_update_mask_buffer`` masks ranks by hand.
     """
 
     num_sms: int = 24
@@ -97,6 +101,7 @@ class Buffer:
         validate: bool | None = None,
         device: str | torch.device | None = None,
         abort_on_timeout: bool | None = None,
+        enable_shrink: bool = False,
     ) -> None:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0:
@@ -132,9 +137,16 @@ class Buffer:
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         self._ll_dispatches = 0
+        self._ll_epoch = 0
         self._hooks = HookTracker()
-        if self.comm.abort_on_timeout:  # also timeouts that backends raise themselves (GPU)
-            faults.guard_methods(self, _COLLECTIVE_METHODS, self.comm.timed_out)
+        self._shrink: Shrink | None = None
+        if enable_shrink:
+            self._shrink = Shrink(self.comm, self.device, num_nvl_bytes, num_rdma_bytes)
+        self._abort = self.comm.abort_on_timeout
+        if self._abort:  # also timeouts that backends raise themselves (GPU)
+            # With shrink a low-latency timeout is recovered from: only one that escapes aborts.
+            self.comm.abort_on_timeout = not enable_shrink
+            faults.guard_methods(self, _COLLECTIVE_METHODS, self._timed_out)
 
     # -- set-up -------------------------------------------------------------------------
     def _pick_device(self, device: str | torch.device | None) -> torch.device:
@@ -213,10 +225,20 @@ class Buffer:
         return EventOverlap(event)
 
     # -- the collective argument check ---------------------------------------------------
-    def _checked(self, what: str, check: Callable[[], Sequence[Any]]) -> None:
+    def _checked(
+        self, what: str, check: Callable[[], Sequence[Any]], low_latency: bool = False
+    ) -> None:
         """Run the local ``check`` (returns the call's signature); with validation on,
-        agree on the outcome across ranks so that all ranks fail together."""
+        agree on the outcome across ranks so that all ranks fail together (in low-latency
+        mode with ranks masked: across the active ranks)."""
         self._ensure_alive()
+        shrink = self._shrink
+        comm = self.comm
+        if shrink is not None:
+            if low_latency:
+                comm = shrink.control(self.comm)
+            else:
+                shrink.check_normal_mode()
         error: Exception | None = None
         signature: Sequence[Any] = ()
         try:
@@ -225,14 +247,24 @@ class Buffer:
             error = exc
         if self.validate:
             sent = ("__error__", f"{type(error).__name__}: {error}") if error else signature
-            self.comm.agree(sent, what)
+            try:
+                comm.agree(sent, what)
+            except PeerTimeoutError as exc:
+                if shrink is None or not low_latency:
+                    raise
+                shrink.recover(exc)  # masks the silent ranks, or raises
+                shrink.control(self.comm).agree(sent, what)
         if error is not None:
             raise error
 
     def _guard_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
-        if self.comm.abort_on_timeout:
-            return faults.guard(hook, self.comm.timed_out)
+        if self._abort:
+            return faults.guard(hook, self._timed_out)
         return hook
+
+    def _timed_out(self, error: PeerTimeoutError) -> None:
+        """A PeerTimeoutError leaves a Buffer call (with abort_on_timeout): end the job."""
+        faults.arm_abort(self.comm._abort_comm, self.rank, error)
 
     def _ensure_alive(self) -> None:
         if self._destroyed:
@@ -655,22 +687,31 @@ class Buffer:
                 ("return_recv_hook", return_recv_hook),
             )
 
-        self._checked("low_latency_dispatch", check)
+        self._checked("low_latency_dispatch", check, low_latency=True)
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
+        epoch = 0 if self._shrink is None else self._shrink.mask.epoch
+        if epoch != self._ll_epoch:  # ranks masked out meanwhile missed calls: count afresh
+            self._ll_epoch, self._ll_dispatches = epoch, 0
         self._ll_dispatches += 1
         generation = self._ll_dispatches
+        args = (
+            x,
+            topk_idx,
+            max_tokens,
+            num_experts,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            cumulative_local_expert_recv_stats,
+            return_recv_hook,
+        )
+        shrink = self._shrink
         result, event = self._ll_stream(
-            lambda: self.backend.low_latency_dispatch(
-                x,
-                topk_idx,
-                max_tokens,
-                num_experts,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                cumulative_local_expert_recv_stats,
-                return_recv_hook,
+            lambda: (
+                self.backend.low_latency_dispatch(*args)
+                if shrink is None
+                else shrink.dispatch(self.backend, *args)
             ),
             async_finish,
             return_recv_hook,
@@ -680,6 +721,7 @@ class Buffer:
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
         handle = result.handle
         handle.owner, handle.generation, handle.num_ranks = self._id, generation, self.group_size
+        handle.mask_epoch = epoch
         hc.record_dispatched_topk(handle, topk_idx, copy=self.validate)
         hook = result.hook
         handle.ticket = self._hooks.issue("dispatch", hook is not None)
@@ -711,6 +753,8 @@ class Buffer:
         def check() -> Sequence[Any]:
             hc.check_low_latency_handle(handle, self._id, self.group_size)
             hc.check_received(handle)
+            if self._shrink is not None:
+                self._shrink.check_combinable(handle)
             if use_logfmt:
                 raise ValueError("use_logfmt is not supported yet")
             e_local = handle.num_experts // self.group_size
@@ -738,15 +782,19 @@ class Buffer:
                 ("num_topk", topk_idx.shape[1]),
                 ("zero_copy", zero_copy),
                 ("return_recv_hook", return_recv_hook),
-                ("handle", f"low_latency_dispatch #{handle.generation}"),
+                ("handle", f"low_latency_dispatch #{handle.generation}.{handle.mask_epoch}"),
             )
 
-        self._checked("low_latency_combine", check)
+        self._checked("low_latency_combine", check, low_latency=True)
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
+        args = (x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook)
+        shrink = self._shrink
         (combined, hook), event = self._ll_stream(
-            lambda: self.backend.low_latency_combine(
-                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
+            lambda: (
+                self.backend.low_latency_combine(*args)
+                if shrink is None
+                else shrink.combine(self.backend, *args)
             ),
             async_finish,
             return_recv_hook,
@@ -771,6 +819,8 @@ class Buffer:
         """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
         self._ensure_alive()
         hc.check_low_latency_handle(handle, self._id, self.group_size)
+        if self._shrink is not None and self._shrink.mask.engaged:
+            return self._shrink.combine_buffer(handle)
         return self.backend.get_next_low_latency_combine_buffer(handle)
 
     def clean_low_latency_buffer(
@@ -779,8 +829,42 @@ class Buffer:
         """Reset the low-latency buffers (collective)."""
         self._ensure_alive()
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if self._shrink is not None:
+            self._shrink.control(self.comm)
+            self._shrink.clean(self.backend, *args)
+        else:
+            self.backend.clean_low_latency_buffer(*args)
         self._hooks.clean()
+
+    # -- rank masking (enable_shrink) ---------------------------------------------------
+    def _shrink_or_raise(self) -> Shrink:
+        self._ensure_alive()
+        if self._shrink is None:
+            raise RuntimeError("rank masking needs Buffer(..., enable_shrink=True)")
+        return self._shrink
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask one rank for low-latency calls. Collective over
+        the ranks active afterwards (a rank being unmasked takes part; a masked one may be
+        gone). Later calls treat the masked ranks' experts as absent."""
+        self._shrink_or_raise().mask.update(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Write int32 [R] into ``mask_status``: 1 for masked ranks, 0 for active ones."""
+        status = self._shrink_or_raise().mask.status()
+        if tuple(mask_status.shape) != (self.group_size,):
+            raise ValueError(f"mask_status must have shape ({self.group_size},)")
+        mask_status.copy_(status.to(mask_status.device, mask_status.dtype))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (collective over all ranks)."""
+        self._shrink_or_raise().mask.set_active(list(range(self.group_size)))
+
+    @property
+    def masked_ranks(self) -> list[int]:
+        """Ranks masked out of low-latency mode (always [] without enable_shrink)."""
+        return [] if self._shrink is None else self._shrink.mask.masked
 
     # -- teardown -----------------------------------------------------------------------
     def destroy(self) -> None:
@@ -788,6 +872,8 @@ class Buffer:
         if self._destroyed:
             return
         self._destroyed = True
+        if self._shrink is not None:
+            self._shrink.free()
         self.backend.destroy()
         self.comm.free()
 
@@ -798,6 +884,12 @@ class Buffer:
         if getattr(self, "_destroyed", True):
             return
         self._destroyed = True
+        shrink = getattr(self, "_shrink", None)
+        if shrink is not None:
+            try:
+                shrink.free()
+            except Exception:
+                pass
         backend = getattr(self, "backend", None)
         if backend is not None and not getattr(self, "explicitly_destroy", True):
             try:

@@ -66,6 +66,7 @@ class LowLatencyHandle:
     backend_state: dict[str, Any] = field(default_factory=dict)
     owner: int = 0  # id of the Buffer that made it (0: not stamped yet)
     generation: int = 0  # which low-latency dispatch of that Buffer, the same on every rank
+    mask_epoch: int = 0  # with rank masking, generations count from each change of the mask
     num_ranks: int = 0
     # The dispatched topk_idx: combine must be given the same one. A reference and its
     # version counter (identity costs nothing), plus a copy when the Buffer validates.
