@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from conftest import collective_check
+from conftest import collective_check, run_once
 from mpiep.errors import PeerTimeoutError
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,6 +91,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+@run_once
 def test_many_dropped_buffers_keep_memory_and_time_flat() -> None:
     """3000 Buffers on COMM_SELF, none destroyed: the last 1000 cost no more memory and no
     more time than the 1000 before them (before the fix: +13 MB per 1000 here; +76 MB and

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_once
+
 pytestmark = [
+    run_once,
     pytest.mark.timeout(300),
     pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun"),
 ]
