@@ -24,7 +24,7 @@ fi
 pip_install() { $PY -m pip install -q --disable-pip-version-check "$@"; }
 # torch: keep the one present (a GPU machine brings its CUDA build); else the CPU 2.13 build.
 $PY -c "import torch" 2>/dev/null || { say "installing torch"; pip_install "torch==2.13.0"; }
-pip_install numpy "mpi4py>=4.0" pytest pytest-mpi pytest-timeout setuptools wheel pybind11
+pip_install numpy "mpi4py>=4.0" pytest pytest-mpi pytest-timeout hypothesis setuptools wheel pybind11
 
 # The CUDA core builds wherever nvcc is: NVSHMEM comes from its wheel (version of the GPU image).
 if command -v nvcc >/dev/null || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then

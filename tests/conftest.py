@@ -29,6 +29,12 @@ NVL_BYTES = 64 << 20  # default normal-mode buffer: far above what the tests mov
 
 _mpi_stats = {"collected": 0, "passed": 0}
 
+# Tests that start their own mpirun, or time themselves, run once from plain pytest: pytest-mpi
+# 0.6 runs unmarked tests on every rank too when --with-mpi and --only-mpi are both given.
+run_once = pytest.mark.skipif(
+    MPI.COMM_WORLD.Get_size() > 1, reason="runs once, from plain pytest, not on every MPI rank"
+)
+
 
 # --------------------------------------------------------------------------- pass/fail
 def all_ranks_ok(ok: bool, comm: MPI.Comm) -> bool:

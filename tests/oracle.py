@@ -51,8 +51,11 @@ def e4m3_round(x: np.ndarray) -> np.ndarray:
 
 
 def e4m3_encode(values: np.ndarray) -> np.ndarray:
-    """Bytes of float32 values that are exactly representable in e4m3fn (see e4m3_round)."""
+    """Bytes of float32 values that are exactly representable in e4m3fn (see e4m3_round),
+    or NaN."""
     v = np.asarray(values, dtype=np.float32).astype(np.float64)
+    nan = np.isnan(v)
+    v = np.where(nan, 0.0, v)
     sign = np.signbit(v).astype(np.uint8) << 7
     a = np.abs(v)
     _, p = np.frexp(a)
@@ -62,7 +65,9 @@ def e4m3_encode(values: np.ndarray) -> np.ndarray:
     mant = np.where(normal, (a / np.ldexp(1.0, e) - 1.0) * 8.0, a / 2.0**-9)
     if not np.all(mant == np.round(mant)) or np.any(mant >= 8) or np.any(biased > 15):
         raise ValueError("e4m3_encode: a value is not representable in e4m3fn")
-    return (sign | (biased.astype(np.uint8) << 3) | mant.astype(np.uint8)).astype(np.uint8)
+    out = (sign | (biased.astype(np.uint8) << 3) | mant.astype(np.uint8)).astype(np.uint8)
+    out[nan] = 0x7F  # NaN (its sign is not specified: compare decoded values)
+    return out
 
 
 def e4m3_decode(b: np.ndarray) -> np.ndarray:
@@ -88,6 +93,7 @@ def fp8_scales(x: np.ndarray, round_scale: bool = False) -> np.ndarray:
     if round_scale:
         m, p = np.frexp(scale)  # exact: a power of two stays, anything else goes up
         scale = np.where(m == 0.5, scale, np.ldexp(np.float32(1.0), p)).astype(np.float32)
+        scale[~np.isfinite(m)] = np.inf  # an Inf or NaN amax: the block is lost either way
     return scale
 
 
@@ -96,37 +102,40 @@ def per_token_cast_to_fp8(
 ) -> tuple[np.ndarray, np.ndarray]:
     """FP8 quantisation of float32 ``x`` [T, H] -> (e4m3 bytes [T, H], scales).
 
-    Scales are float32 [T, H/128], or with ``use_ue8m0`` int32 [T, H/512] of packed UE8M0
+    Scales are float32 [T, H/128], or with ``use_ue8m0`` int32 [T, ceil(H/512)] of packed UE8M0
     exponents (``use_ue8m0`` implies power-of-two scales).
     """
     x = np.asarray(x, dtype=np.float32)
     t = x.shape[0]
     scale = fp8_scales(x, round_scale or use_ue8m0)
     expanded = np.repeat(scale, FP8_BLOCK, axis=1) if t else np.zeros_like(x)
-    q = e4m3_encode(e4m3_round(x / expanded))
+    with np.errstate(invalid="ignore"):  # inf / inf in a block with an Inf: NaN, as documented
+        q = e4m3_encode(e4m3_round(x / expanded))
     if use_ue8m0:
         return q, pack_ue8m0(scale)
     return q, scale
 
 
 def pack_ue8m0(scale: np.ndarray) -> np.ndarray:
-    """Power-of-two float32 scales [T, G] -> int32 [T, G/4]: byte j of int i is group 4i+j."""
+    """Power-of-two float32 scales [T, G] -> int32 [T, ceil(G/4)]: byte j of int i is group
+    4i+j; the bytes past group G-1 are 0."""
     t, g = scale.shape
-    if g % 4:
-        raise ValueError(f"{g} scale groups cannot be packed 4 per int32")
     exps = ((np.ascontiguousarray(scale, dtype=np.float32).view(np.uint32) >> 23) & 0xFF).astype(
         np.uint32
     )
-    e = exps.reshape(t, g // 4, 4)
+    words = (g + 3) // 4
+    exps = np.concatenate([exps, np.zeros((t, 4 * words - g), np.uint32)], axis=1)
+    e = exps.reshape(t, words, 4)
     packed = e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
     return packed.astype(np.uint32).view(np.int32)
 
 
-def unpack_ue8m0(packed: np.ndarray) -> np.ndarray:
-    """int32 [T, G/4] of UE8M0 exponents -> float32 scales [T, G]."""
+def unpack_ue8m0(packed: np.ndarray, groups: int | None = None) -> np.ndarray:
+    """int32 [T, ceil(G/4)] of UE8M0 exponents -> float32 scales [T, G] (G: 4 per word
+    unless ``groups`` says)."""
     u = np.ascontiguousarray(packed).view(np.uint32)
     e = np.stack([(u >> (8 * j)) & 0xFF for j in range(4)], axis=-1).reshape(u.shape[0], -1)
-    return (e.astype(np.uint32) << 23).view(np.float32)
+    return (e[:, :groups].astype(np.uint32) << 23).view(np.float32)
 
 
 def per_token_cast_back(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -279,7 +288,8 @@ def normal_dispatch(
             per_src[s] += 1
     n = len(src_rank)
     recv_idx = np.asarray(idx_rows, dtype=np.int64).reshape(n, num_topk)
-    counts = [int((recv_idx == j).any(axis=1).sum()) for j in range(e_local)]
+    # (token, slot) pairs: a token naming an expert in two slots counts twice (semantics.md)
+    counts = [int((recv_idx == j).sum()) for j in range(e_local)]
     return NormalRecv(
         src_rank=np.asarray(src_rank, dtype=np.int64),
         src_token=np.asarray(src_token, dtype=np.int64),

@@ -71,6 +71,9 @@ def test_oracle_ue8m0_pack_roundtrip() -> None:
     # Little-endian: byte j of int i is group 4i + j.
     assert packed.view(np.uint8).reshape(2, 16)[0, 0] == 127 - 20
     assert np.array_equal(oracle.unpack_ue8m0(packed), scales)
+    three = oracle.pack_ue8m0(scales[:, :13])  # 13 groups: 4 words, the last with 1 byte
+    assert three.shape == (2, 4) and np.all(three.view(np.uint8).reshape(2, 16)[:, 13:] == 0)
+    assert np.array_equal(oracle.unpack_ue8m0(three, 13), scales[:, :13])
 
 
 # --------------------------------------------------------------------------- mpiep.fp8
@@ -89,15 +92,18 @@ def test_cast_to_fp8_matches_oracle(hidden: int, num_tokens: int, round_scale: b
     assert np.array_equal(fp8_bytes(q), want_q)
 
 
-@pytest.mark.parametrize("hidden", [512, 7168])
+@pytest.mark.parametrize("hidden", [128, 512, 640, 2048 + 384, 7168])
 def test_cast_to_fp8_ue8m0(hidden: int) -> None:
-    """UE8M0: power-of-two scales packed four exponent bytes per int32, little-endian."""
+    """UE8M0: power-of-two scales packed four exponent bytes per int32, little-endian, in
+    ceil(H/512) words; the bytes past the last block are 0."""
     from mpiep import fp8
 
     x = _inputs(7, 9, hidden)
     q, s = fp8.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
     want_q, want_s = oracle.per_token_cast_to_fp8(_oracle_input(x), use_ue8m0=True)
-    assert s.dtype == torch.int32 and tuple(s.shape) == (9, hidden // 512)
+    assert s.dtype == torch.int32 and tuple(s.shape) == (9, -(-hidden // 512))
+    unused = s.contiguous().view(torch.uint8)[:, hidden // 128 :]
+    assert torch.all(unused == 0), unused
     assert np.array_equal(s.contiguous().numpy(), want_s)
     assert np.array_equal(fp8_bytes(q), want_q)
 
@@ -134,3 +140,25 @@ def test_cast_rejects_hidden_not_multiple_of_128() -> None:
 
     with pytest.raises(ValueError, match=r"128|hidden"):
         fp8.per_token_cast_to_fp8(bf16_tensor(np.zeros((2, 200), np.uint16)))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize(
+    ("round_scale", "use_ue8m0"), [(False, False), (True, False), (True, True)]
+)
+def test_non_finite_input_makes_its_block_non_finite(
+    bad: float, round_scale: bool, use_ue8m0: bool
+) -> None:
+    """docs/semantics.md (issue 11, item 9): an Inf or NaN in a 128-channel block makes the
+    whole block dequantise to NaN; other blocks are untouched. Before the fix a NaN with
+    round_scale/UE8M0 gave a scale of -0.0 and the block came back as zeros: silent garbage."""
+    from mpiep.fp8 import per_token_cast_back, per_token_cast_to_fp8
+
+    x = _inputs(5, 3, 512)
+    want_other = per_token_cast_back(*per_token_cast_to_fp8(x, round_scale, use_ue8m0))
+    x[1, 130] = bad  # token 1, block 1
+    back = per_token_cast_back(*per_token_cast_to_fp8(x, round_scale, use_ue8m0)).float()
+    assert torch.isnan(back[1, 128:256]).all(), back[1, 128:136]
+    keep = torch.ones_like(back, dtype=torch.bool)
+    keep[1, 128:256] = False
+    assert torch.equal(back[keep], want_other.float()[keep])

@@ -131,7 +131,7 @@ def check_ll_dispatch(
     assert got["x"].shape == (e_local, rows, case.hidden)
     assert isinstance(recv_x, tuple) == use_fp8
     if use_fp8:
-        groups = case.hidden // 512 if use_ue8m0 else case.hidden // 128
+        groups = -(-case.hidden // 512) if use_ue8m0 else case.hidden // 128
         assert got["scales"].shape == (e_local, rows, groups)
         assert got["scales"].dtype == (np.int32 if use_ue8m0 else np.float32)
     layout_range = handle.layout_range.numpy()
@@ -269,6 +269,15 @@ def test_low_latency_rank_counts(
     if ep_comm is None:
         pytest.skip("rank outside the sub-communicator")
     _ll_body(ep_comm, rng, make_buffer, 2048, 4, pattern, mode)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("hidden", [128, 640, 2048 + 128, 7168 + 384])
+def test_low_latency_ue8m0_hidden_not_multiple_of_512(
+    comm: MPI.Comm, rng: np.random.Generator, make_buffer: Callable[..., Any], hidden: int
+) -> None:
+    """UE8M0 scales take ceil(H/512) words, the last one partly filled (issue 11, defect 8)."""
+    _ll_body(comm, rng, make_buffer, hidden, 4, "random", "fp8_ue8m0")
 
 
 @pytest.mark.mpi(min_size=2)

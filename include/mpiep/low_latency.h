@@ -72,7 +72,7 @@ struct DispatchParams {
   int num_tokens, num_topk, hidden, max_tokens, num_experts;
   bool fp8, round_scale, ue8m0;
   void* recv_x;        // [E_local, R*max, H] bf16 or e4m3
-  void* recv_scales;   // [E_local, R*max, H/128] f32 or [.., H/512] i32 (UE8M0), or null
+  void* recv_scales;   // [E_local, R*max, H/128] f32 or [.., ceil(H/512)] i32 (UE8M0), or null
   int* recv_count;     // [E_local]
   int* src_token_idx;  // [E_local, R*max]
   int* layout_range;   // [E_local, R, 2]

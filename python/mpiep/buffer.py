@@ -17,15 +17,29 @@ import torch
 from mpi4py import MPI
 
 from mpiep import config as cfg
+from mpiep import faults
+from mpiep import handle_checks as hc
 from mpiep import validate as val
 from mpiep.backends.base import Backend, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
-from mpiep.errors import CapacityError
+from mpiep.errors import CapacityError, PeerTimeoutError
 from mpiep.event import EventOverlap
 from mpiep.handles import DispatchHandle, LowLatencyHandle
+from mpiep.hooks import HookTracker
+from mpiep.shrink import Shrink
 
 BF16 = torch.bfloat16
+# Calls that wait on peers (guarded with abort_on_timeout).
+_COLLECTIVE_METHODS = (
+    "get_dispatch_layout",
+    "dispatch",
+    "combine",
+    "low_latency_dispatch",
+    "low_latency_combine",
+    "clean_low_latency_buffer",
+    "destroy",
+)
 FP8 = torch.float8_e4m3fn
 X_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 
@@ -63,6 +77,12 @@ class Buffer:
             (a unique id broadcast over MPI, any MPI), "mpi" (NVSHMEM's MPI bootstrap plugin
             on this communicator, Open MPI only, no sockets of NVSHMEM's own) or "auto";
             env MPIEP_NVSHMEM_BOOTSTRAP, default "uid". `mpiep doctor` says which loads.
+        abort_on_timeout: after a ``PeerTimeoutError`` (raised as usual), abort the whole
+            job with ``MPI_Abort`` at exit or 2 s later, instead of hanging in
+            ``MPI_Finalize`` on a peer that never comes (env MPIEP_ABORT_ON_TIMEOUT=1).
+        enable_shrink: rank masking in low-latency mode (DeepEP's shrink mode): a rank that
+            stops answering is masked and low-latency calls go on among the others, its
+            experts absent; ``low_latency_update_mask_buffer`` masks ranks by hand.
     """
 
     num_sms: int = 24
@@ -85,6 +105,8 @@ class Buffer:
         validate: bool | None = None,
         device: str | torch.device | None = None,
         nvshmem_bootstrap: str | None = None,
+        abort_on_timeout: bool | None = None,
+        enable_shrink: bool = False,
     ) -> None:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0:
@@ -94,7 +116,13 @@ class Buffer:
         if backend not in ("auto", "cuda", "reference"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'reference', got {backend!r}")
 
-        self.comm = Communicator(comm, ranks_per_node=ranks_per_node, timeout_s=timeout_s)
+        self.comm = Communicator(
+            comm,
+            ranks_per_node=ranks_per_node,
+            timeout_s=timeout_s,
+            abort_on_timeout=abort_on_timeout,
+        )
+        self._destroyed = False  # from here on __del__ frees what exists
         self.rank = self.comm.rank
         self.group_size = self.comm.size
         self.num_nvl_bytes = num_nvl_bytes
@@ -112,7 +140,19 @@ class Buffer:
             env = os.environ.get("MPIEP_VALIDATE")
             validate = env == "1" if env is not None else self.backend.name == "reference"
         self.validate = bool(validate)
-        self._destroyed = False
+        self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
+        self._dispatches = 0  # non-cached dispatch calls: a handle's generation
+        self._ll_dispatches = 0
+        self._ll_epoch = 0
+        self._hooks = HookTracker()
+        self._shrink: Shrink | None = None
+        if enable_shrink:
+            self._shrink = Shrink(self.comm, self.device, num_nvl_bytes, num_rdma_bytes)
+        self._abort = self.comm.abort_on_timeout
+        if self._abort:  # also timeouts that backends raise themselves (GPU)
+            # With shrink a low-latency timeout is recovered from: only one that escapes aborts.
+            self.comm.abort_on_timeout = not enable_shrink
+            faults.guard_methods(self, _COLLECTIVE_METHODS, self._timed_out)
 
     # -- set-up -------------------------------------------------------------------------
     def _pick_device(self, device: str | torch.device | None) -> torch.device:
@@ -191,21 +231,46 @@ class Buffer:
         return EventOverlap(event)
 
     # -- the collective argument check ---------------------------------------------------
-    def _checked(self, what: str, check: Callable[[], Sequence[Any]]) -> None:
+    def _checked(
+        self, what: str, check: Callable[[], Sequence[Any]], low_latency: bool = False
+    ) -> None:
         """Run the local ``check`` (returns the call's signature); with validation on,
-        agree on the outcome across ranks so that all ranks fail together."""
+        agree on the outcome across ranks so that all ranks fail together (in low-latency
+        mode with ranks masked: across the active ranks)."""
         self._ensure_alive()
+        shrink = self._shrink
+        comm = self.comm
+        if shrink is not None:
+            if low_latency:
+                comm = shrink.control(self.comm)
+            else:
+                shrink.check_normal_mode()
         error: Exception | None = None
         signature: Sequence[Any] = ()
         try:
             signature = check()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
         if self.validate:
             sent = ("__error__", f"{type(error).__name__}: {error}") if error else signature
-            self.comm.agree(sent, what)
+            try:
+                comm.agree(sent, what)
+            except PeerTimeoutError as exc:
+                if shrink is None or not low_latency:
+                    raise
+                shrink.recover(exc)  # masks the silent ranks, or raises
+                shrink.control(self.comm).agree(sent, what)
         if error is not None:
             raise error
+
+    def _guard_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        if self._abort:
+            return faults.guard(hook, self._timed_out)
+        return hook
+
+    def _timed_out(self, error: PeerTimeoutError) -> None:
+        """A PeerTimeoutError leaves a Buffer call (with abort_on_timeout): end the job."""
+        faults.arm_abort(self.comm._abort_comm, self.rank, error)
 
     def _ensure_alive(self) -> None:
         if self._destroyed:
@@ -362,11 +427,10 @@ class Buffer:
                     f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}"
                 )
             num_topk = None
+            handle_id = None
             if cached:
-                if not isinstance(handle, DispatchHandle):
-                    raise TypeError(
-                        f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
-                    )
+                hc.check_dispatch_handle(handle, self._id, self.group_size)
+                handle_id = f"dispatch #{handle.generation}"
                 if handle.num_tokens != tokens or handle.hidden != hidden:
                     raise ValueError(
                         f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
@@ -447,9 +511,13 @@ class Buffer:
                 ("expert_alignment", expert_alignment),
                 ("num_worst_tokens", num_worst_tokens),
                 ("config", config),
+                ("handle", handle_id),
             )
 
         self._checked("dispatch", check)
+        if not cached:
+            self._dispatches += 1
+        generation = self._dispatches
         layout = None
         if not cached:
             layout = Layout(
@@ -481,6 +549,8 @@ class Buffer:
             lambda r: [r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights],
         )
         recv_x = (result.recv_x, result.recv_x_scales) if scales is not None else result.recv_x
+        if result.handle.owner == 0:
+            result.handle.owner, result.handle.generation = self._id, generation
         if cached:
             return recv_x, None, None, None, result.handle, event
         return (
@@ -517,10 +587,7 @@ class Buffer:
             biases = tuple(b for b in bias if b is not None)
 
         def check() -> Sequence[Any]:
-            if not isinstance(handle, DispatchHandle):
-                raise TypeError(
-                    f"handle must come from Buffer.dispatch, got {type(handle).__name__}"
-                )
+            hc.check_dispatch_handle(handle, self._id, self.group_size)
             rows = handle.num_output_rows
             val.check_tensor("x", x, BF16, 2, self.device, (rows, handle.hidden))
             if topk_weights is not None:
@@ -538,6 +605,7 @@ class Buffer:
                 ("num_topk", None if topk_weights is None else topk_weights.shape[1]),
                 ("num_bias", len(biases)),
                 ("config", config),
+                ("handle", f"dispatch #{handle.generation}"),
             )
 
         self._checked("combine", check)
@@ -585,7 +653,7 @@ class Buffer:
 
         Returns ``(recv_x, recv_count, handle, event, hook)``. ``recv_x`` is bf16
         [E_local, R * max_tokens, H] or, with ``use_fp8``, ``(e4m3, scales)`` with float32
-        scales [E_local, R * max_tokens, H/128] (packed UE8M0 int32 [.., H/512] with
+        scales [E_local, R * max_tokens, H/128] (packed UE8M0 int32 [.., ceil(H/512)] with
         ``use_ue8m0``). Rows of each expert are packed from row 0, grouped by source rank;
         ``recv_count`` [E_local] int32 counts them. With ``return_recv_hook`` the call only
         sends; ``hook()`` completes the receive.
@@ -619,6 +687,9 @@ class Buffer:
                 )
             self._check_low_latency(max_tokens, hidden, num_experts)
             val.check_topk_idx(topk_idx, num_experts, self.validate)
+            if self.validate:
+                val.check_pairs_per_expert(topk_idx, num_experts, max_tokens)
+            self._hooks.check_free("dispatch")
             return (
                 ("op", "low_latency_dispatch"),
                 ("hidden", hidden),
@@ -631,20 +702,31 @@ class Buffer:
                 ("return_recv_hook", return_recv_hook),
             )
 
-        self._checked("low_latency_dispatch", check)
+        self._checked("low_latency_dispatch", check, low_latency=True)
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
+        epoch = 0 if self._shrink is None else self._shrink.mask.epoch
+        if epoch != self._ll_epoch:  # ranks masked out meanwhile missed calls: count afresh
+            self._ll_epoch, self._ll_dispatches = epoch, 0
+        self._ll_dispatches += 1
+        generation = self._ll_dispatches
+        args = (
+            x,
+            topk_idx,
+            max_tokens,
+            num_experts,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            cumulative_local_expert_recv_stats,
+            return_recv_hook,
+        )
+        shrink = self._shrink
         result, event = self._ll_stream(
-            lambda: self.backend.low_latency_dispatch(
-                x,
-                topk_idx,
-                max_tokens,
-                num_experts,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                cumulative_local_expert_recv_stats,
-                return_recv_hook,
+            lambda: (
+                self.backend.low_latency_dispatch(*args)
+                if shrink is None
+                else shrink.dispatch(self.backend, *args)
             ),
             async_finish,
             return_recv_hook,
@@ -652,7 +734,15 @@ class Buffer:
             lambda r: [r.recv_x, r.recv_x_scales, r.recv_count],
         )
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
-        return recv_x, result.recv_count, result.handle, event, result.hook
+        handle = result.handle
+        handle.owner, handle.generation, handle.num_ranks = self._id, generation, self.group_size
+        handle.mask_epoch = epoch
+        hc.record_dispatched_topk(handle, topk_idx, copy=self.validate)
+        hook = result.hook
+        handle.ticket = self._hooks.issue("dispatch", hook is not None)
+        if hook is not None:
+            hook = self._guard_hook(self._hooks.wrap(handle.ticket, hook))
+        return recv_x, result.recv_count, handle, event, hook
 
     def low_latency_combine(
         self,
@@ -676,10 +766,10 @@ class Buffer:
         """
 
         def check() -> Sequence[Any]:
-            if not isinstance(handle, LowLatencyHandle):
-                raise TypeError(
-                    f"handle must come from low_latency_dispatch, got {type(handle).__name__}"
-                )
+            hc.check_low_latency_handle(handle, self._id, self.group_size)
+            hc.check_received(handle)
+            if self._shrink is not None:
+                self._shrink.check_combinable(handle)
             if use_logfmt:
                 raise ValueError("use_logfmt is not supported yet")
             e_local = handle.num_experts // self.group_size
@@ -692,6 +782,7 @@ class Buffer:
             val.check_tensor(
                 "topk_weights", topk_weights, torch.float32, 2, self.device, tuple(topk_idx.shape)
             )
+            hc.check_dispatched_topk(handle, topk_idx)
             if out is not None:
                 val.check_tensor(
                     "out", out, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
@@ -699,26 +790,35 @@ class Buffer:
             self._check_low_latency(
                 handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
             )
+            self._hooks.check_free("combine")
             return (
                 ("op", "low_latency_combine"),
                 ("hidden", handle.hidden),
                 ("num_topk", topk_idx.shape[1]),
                 ("zero_copy", zero_copy),
                 ("return_recv_hook", return_recv_hook),
+                ("handle", f"low_latency_dispatch #{handle.generation}.{handle.mask_epoch}"),
             )
 
-        self._checked("low_latency_combine", check)
+        self._checked("low_latency_combine", check, low_latency=True)
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
+        args = (x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook)
+        shrink = self._shrink
         (combined, hook), event = self._ll_stream(
-            lambda: self.backend.low_latency_combine(
-                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
+            lambda: (
+                self.backend.low_latency_combine(*args)
+                if shrink is None
+                else shrink.combine(self.backend, *args)
             ),
             async_finish,
             return_recv_hook,
             [x, topk_idx, topk_weights],
             lambda r: [r[0]],
         )
+        ticket = self._hooks.issue("combine", hook is not None)
+        if ticket is not None and hook is not None:
+            hook = self._guard_hook(self._hooks.wrap(ticket, hook))
         return combined, event, hook
 
     def _ll_stream(self, run, async_finish, return_recv_hook, inputs, outputs):  # type: ignore[no-untyped-def]
@@ -733,6 +833,9 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
         self._ensure_alive()
+        hc.check_low_latency_handle(handle, self._id, self.group_size)
+        if self._shrink is not None and self._shrink.mask.engaged:
+            return self._shrink.combine_buffer(handle)
         return self.backend.get_next_low_latency_combine_buffer(handle)
 
     def clean_low_latency_buffer(
@@ -741,7 +844,42 @@ class Buffer:
         """Reset the low-latency buffers (collective)."""
         self._ensure_alive()
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if self._shrink is not None:
+            self._shrink.control(self.comm)
+            self._shrink.clean(self.backend, *args)
+        else:
+            self.backend.clean_low_latency_buffer(*args)
+        self._hooks.clean()
+
+    # -- rank masking (enable_shrink) ---------------------------------------------------
+    def _shrink_or_raise(self) -> Shrink:
+        self._ensure_alive()
+        if self._shrink is None:
+            raise RuntimeError("rank masking needs Buffer(..., enable_shrink=True)")
+        return self._shrink
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask one rank for low-latency calls. Collective over
+        the ranks active afterwards (a rank being unmasked takes part; a masked one may be
+        gone). Later calls treat the masked ranks' experts as absent."""
+        self._shrink_or_raise().mask.update(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Write int32 [R] into ``mask_status``: 1 for masked ranks, 0 for active ones."""
+        status = self._shrink_or_raise().mask.status()
+        if tuple(mask_status.shape) != (self.group_size,):
+            raise ValueError(f"mask_status must have shape ({self.group_size},)")
+        mask_status.copy_(status.to(mask_status.device, mask_status.dtype))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (collective over all ranks)."""
+        self._shrink_or_raise().mask.set_active(list(range(self.group_size)))
+
+    @property
+    def masked_ranks(self) -> list[int]:
+        """Ranks masked out of low-latency mode (always [] without enable_shrink)."""
+        return [] if self._shrink is None else self._shrink.mask.masked
 
     # -- teardown -----------------------------------------------------------------------
     def destroy(self) -> None:
@@ -749,14 +887,32 @@ class Buffer:
         if self._destroyed:
             return
         self._destroyed = True
+        if self._shrink is not None:
+            self._shrink.free()
         self.backend.destroy()
         self.comm.free()
 
     def __del__(self) -> None:
-        if getattr(self, "_destroyed", True) or getattr(self, "explicitly_destroy", True):
+        """A Buffer dropped without ``destroy()``: free its communicators (``MPI_Comm_free``
+        needs no peer in practice: Open MPI and MPICH free locally) and, unless
+        ``explicitly_destroy``, the backend's buffers."""
+        if getattr(self, "_destroyed", True):
             return
+        self._destroyed = True
+        shrink = getattr(self, "_shrink", None)
+        if shrink is not None:
+            try:
+                shrink.free()
+            except Exception:
+                pass
+        backend = getattr(self, "backend", None)
+        if backend is not None and not getattr(self, "explicitly_destroy", True):
+            try:
+                backend.destroy()
+            except Exception:
+                pass
         try:
-            self.backend.destroy()
+            self.comm.free()
         except Exception:
             pass
 

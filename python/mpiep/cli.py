@@ -14,6 +14,7 @@ import sys
 # Module that owns each subcommand, in the order ``mpiep --help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "mpiep.bench.cli",
+    "mpiep.soak.cli",
     "mpiep.tune",
     "mpiep.slurm.cli",
     "mpiep.doctor",

@@ -15,9 +15,16 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpiep import faults
 from mpiep.errors import ArgumentMismatchError, PeerTimeoutError
 
 DEFAULT_TIMEOUT_S = 20.0
+SPIN_S = 2e-4  # how long a wait polls without sleeping
+_UNUSABLE = "this communicator is unusable now"
+_NOT_CREATED = (
+    "the Buffer was not created, and the communicator passed to it holds a duplication "
+    "that the missing peers must still join"
+)
 
 
 def default_timeout_s() -> float:
@@ -38,6 +45,7 @@ class Communicator:
         comm: MPI.Comm | None = None,
         ranks_per_node: int | None = None,
         timeout_s: float | None = None,
+        abort_on_timeout: bool | None = None,
     ) -> None:
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -45,24 +53,36 @@ class Communicator:
             raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
         if comm == MPI.COMM_NULL:
             raise ValueError("comm is MPI.COMM_NULL")
-        # A private duplicate: our control messages never match the caller's.
-        self.comm: MPI.Comm = comm.Dup()
-        self.rank: int = self.comm.Get_rank()
-        self.size: int = self.comm.Get_size()
+        self.rank: int = comm.Get_rank()
+        self.size: int = comm.Get_size()
         self.timeout_s: float = default_timeout_s() if timeout_s is None else float(timeout_s)
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        self.abort_on_timeout = faults.abort_requested(abort_on_timeout)
+        self._abort_comm = comm  # MPI_Abort goes to the caller's communicator
+        # A private duplicate: our control messages never match the caller's. Nonblocking,
+        # like every wait on peers here, so that a peer that never comes is a timeout.
+        dup, request = comm.Idup()
+        self.wait(request, "Buffer(): duplicate the communicator", _NOT_CREATED)
+        self.comm: MPI.Comm = dup
 
         env_rpn = os.environ.get("MPIEP_RANKS_PER_NODE")
         if ranks_per_node is None and env_rpn:
             ranks_per_node = int(env_rpn)
+        problem = None
+        if ranks_per_node is not None and (ranks_per_node <= 0 or self.size % ranks_per_node):
+            problem = (
+                f"ranks_per_node={ranks_per_node} must be positive and divide the "
+                f"communicator size {self.size}"
+            )
+        # Split and Split_type block: first make sure (with the timeout) that every rank is
+        # here and agrees, then they cannot wait on a missing peer.
+        phase = "Buffer(): find the nodes"
+        self.agree(("__error__", problem) if problem else ("ranks_per_node", ranks_per_node), phase)
+        if problem:
+            raise ValueError(problem)
         self.node_comm: MPI.Comm
         if ranks_per_node is not None:
-            if ranks_per_node <= 0 or self.size % ranks_per_node:
-                raise ValueError(
-                    f"ranks_per_node={ranks_per_node} must be positive and divide the "
-                    f"communicator size {self.size}"
-                )
             self.node_comm = self.comm.Split(self.rank // ranks_per_node, self.rank)
             self.virtual_nodes = True
         else:
@@ -73,8 +93,11 @@ class Communicator:
 
         # Node ids numbered by their lowest rank; every node must have the same size
         # and hold consecutive ranks, which is how srun and mpirun place ranks by default.
-        leaders = self.comm.allgather(self.rank - self.local_rank)
-        sizes = self.comm.allgather(self.local_size)
+        placement = self.allgather(
+            (self.rank - self.local_rank, self.local_size), "Buffer(): node layout"
+        )
+        leaders = [p[0] for p in placement]
+        sizes = [p[1] for p in placement]
         if len(set(sizes)) != 1:
             raise ValueError(
                 f"nodes have different rank counts {sorted(set(sizes))}: mpiep needs equal nodes"
@@ -107,21 +130,35 @@ class Communicator:
         return self.local_rank % num_visible_devices
 
     # -- collectives with timeouts -------------------------------------------------
-    def wait(self, request: MPI.Request, phase: str) -> None:
+    def wait(self, request: MPI.Request, phase: str, consequence: str = _UNUSABLE) -> None:
         """Complete ``request`` or raise PeerTimeoutError after ``timeout_s``."""
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline, spin_until = start + self.timeout_s, start + SPIN_S
         sleep = 0.0
         while not request.Test():
-            if time.monotonic() > deadline:
-                raise PeerTimeoutError(
-                    f"rank {self.rank}/{self.size}: no answer from peers within "
-                    f"{self.timeout_s:g}s in phase '{phase}' (a peer crashed, hangs, or "
-                    "skipped this call); this communicator is unusable now"
+            now = time.monotonic()
+            if now > deadline:
+                raise self.timed_out(
+                    PeerTimeoutError(
+                        f"rank {self.rank}/{self.size}: no answer from peers within "
+                        f"{self.timeout_s:g}s in phase '{phase}' (a peer crashed, hangs, or "
+                        f"skipped this call); {consequence}"
+                    )
                 )
-            # Spin briefly, then back off: MPI progresses only inside Test().
+            # Spin briefly (a sleep costs ~100 us of scheduling), then back off: MPI
+            # progresses only inside Test().
+            if now < spin_until:
+                continue
             if sleep:
                 time.sleep(sleep)
             sleep = min(max(sleep * 2, 1e-5), 1e-3)
+
+    def timed_out(self, error: PeerTimeoutError) -> PeerTimeoutError:
+        """Every PeerTimeoutError passes here before it is raised: with ``abort_on_timeout``
+        the job is aborted shortly after (mpiep.faults)."""
+        if self.abort_on_timeout:
+            faults.arm_abort(self._abort_comm, self.rank, error)
+        return error
 
     def allgather(self, obj: Any, phase: str) -> list[Any]:
         """Allgather of small picklable objects, with the timeout."""
@@ -157,10 +194,17 @@ class Communicator:
         sigs = self.allgather(tuple(signature), f"{what}: argument check")
         failed = [(r, s[1]) for r, s in enumerate(sigs) if s and s[0] == "__error__"]
         if failed:
-            rank, message = failed[0]
-            if rank == self.rank:
+            if any(rank == self.rank for rank, _ in failed):
                 return  # the caller raises its own, more specific, exception
-            raise ArgumentMismatchError(f"{what}: rank {rank} rejected its arguments: {message}")
+            ranks = ", ".join(str(rank) for rank, _ in failed)
+            who = (
+                f"rank {ranks} rejected its"
+                if len(failed) == 1
+                else f"ranks {ranks} rejected their"
+            )
+            details = "; ".join(f"rank {rank}: {message}" for rank, message in failed[:8])
+            more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
+            raise ArgumentMismatchError(f"{what}: {who} arguments: {details}{more}")
         mine = sigs[self.rank]
         for r, sig in enumerate(sigs):
             if sig != mine:
@@ -179,7 +223,10 @@ class Communicator:
         return recv.tolist()
 
     def free(self) -> None:
-        for c in (self.node_comm, self.comm):
+        """Free the communicators (local; safe to call twice, and after MPI_Finalize)."""
+        if MPI.Is_finalized():
+            return
+        for c in (getattr(self, "node_comm", MPI.COMM_NULL), getattr(self, "comm", MPI.COMM_NULL)):
             if c != MPI.COMM_NULL:
                 c.Free()
 

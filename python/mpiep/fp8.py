@@ -16,10 +16,13 @@ AMAX_FLOOR = 1e-4
 
 
 def round_scale_to_pow2(scale: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= scale, exactly, through the float32 bit pattern."""
+    """Smallest power of two >= scale, exactly, through the float32 bit pattern.
+
+    Inf and NaN become Inf (a NaN's mantissa must not carry into the sign bit: that gave
+    -0.0, and a block holding a NaN came back as zeros instead of NaN)."""
     bits = scale.float().contiguous().view(torch.int32)
     exponent = (bits >> 23) & 0xFF
-    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    exponent = exponent + (((bits & 0x7FFFFF) != 0) & (exponent != 0xFF)).to(torch.int32)
     return (exponent << 23).view(torch.float32)
 
 

@@ -1,7 +1,9 @@
 """Handles: what a dispatch remembers so that combine (and cached dispatch) can undo it.
 
 Fields common to every backend are typed here; a backend keeps whatever else it
-needs (GPU prefix matrices, buffer slots) in ``backend_state``.
+needs (GPU prefix matrices, buffer slots) in ``backend_state``. ``Buffer`` stamps every
+handle with the Buffer that made it and the call (``owner``, ``generation``) and checks
+them before the handle is used again (``mpiep.handle_checks``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class DispatchHandle:
     num_recv_tokens_per_expert_list: list[int]
     num_worst_tokens: int = 0
     backend_state: dict[str, Any] = field(default_factory=dict)
+    owner: int = 0  # id of the Buffer that made it (0: not stamped yet)
+    generation: int = 0  # which dispatch of that Buffer: the same number on every rank
 
     @property
     def num_tokens(self) -> int:
@@ -60,3 +64,13 @@ class LowLatencyHandle:
     layout_range: torch.Tensor
     num_tokens: int = 0
     backend_state: dict[str, Any] = field(default_factory=dict)
+    owner: int = 0  # id of the Buffer that made it (0: not stamped yet)
+    generation: int = 0  # which low-latency dispatch of that Buffer, the same on every rank
+    mask_epoch: int = 0  # with rank masking, generations count from each change of the mask
+    num_ranks: int = 0
+    # The dispatched topk_idx: combine must be given the same one. A reference and its
+    # version counter (identity costs nothing), plus a copy when the Buffer validates.
+    topk_idx: torch.Tensor | None = None
+    topk_version: int = -1
+    topk_copy: torch.Tensor | None = None
+    ticket: Any = None  # mpiep.hooks.HookTicket of the receive hook, None without one

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mpiep.errors import CapacityError
+
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -59,6 +61,24 @@ def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, full_check: bool) -
         bad = lo if lo < -1 else hi
         raise ValueError(
             f"topk_idx holds expert id {bad}, outside [-1, {num_experts}) (-1 means none)"
+        )
+
+
+def check_pairs_per_expert(topk_idx: torch.Tensor, num_experts: int, max_tokens: int) -> None:
+    """Low latency: one rank sends at most ``max_tokens`` (token, slot) pairs to one expert
+    (a receiver holds ``max_tokens`` rows per source and expert). Only duplicate expert ids
+    within a token's top-k can exceed it. Needs a device sync: validation mode only."""
+    ids = topk_idx[topk_idx >= 0]
+    if ids.numel() <= max_tokens:
+        return
+    counts = torch.bincount(ids, minlength=num_experts)
+    most = int(counts.max())
+    if most > max_tokens:
+        expert = int(counts.argmax())
+        raise CapacityError(
+            f"topk_idx sends {most} (token, slot) pairs to expert {expert}, more than "
+            f"num_max_dispatch_tokens_per_rank={max_tokens} (an expert repeated in the top-k "
+            "of some tokens)"
         )
 
 

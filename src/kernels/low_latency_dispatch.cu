@@ -104,11 +104,14 @@ __device__ __forceinline__ void copy_out(const DispatchParams& p, const uint8_t*
     float* out = static_cast<float*>(p.recv_scales) + out_row * groups;
     for (int g = lane; g < groups; g += 32) out[g] = __ldcg(scales + g);
   } else {
-    int* out = static_cast<int*>(p.recv_scales) + out_row * (groups / 4);
-    for (int w = lane; w < groups / 4; w += 32) {
+    // ceil(groups / 4) words; the bytes past the last group of the last word stay 0.
+    const int words = (groups + 3) / 4;
+    int* out = static_cast<int*>(p.recv_scales) + out_row * words;
+    for (int w = lane; w < words; w += 32) {
       uint32_t v = 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v |= fp8::ue8m0(__ldcg(scales + 4 * w + j)) << (8 * j);
+      for (int j = 0; j < 4; ++j)
+        if (4 * w + j < groups) v |= fp8::ue8m0(__ldcg(scales + 4 * w + j)) << (8 * j);
       out[w] = static_cast<int>(v);
     }
   }

@@ -74,7 +74,6 @@ void LowLatencyContext::dispatch(const LowLatencyDispatchCall& c, cudaStream_t s
   check_shape(c.hidden, c.max_tokens, c.num_experts, c.num_tokens);
   MPIEP_CHECK_ARG(!c.fp8 || c.hidden % 128 == 0,
                   "FP8 low-latency dispatch needs hidden % 128 == 0");
-  MPIEP_CHECK_ARG(!c.ue8m0 || c.hidden % 512 == 0, "use_ue8m0 needs hidden % 512 == 0");
   ensure_device(device_);
   ll::DispatchParams p{};
   p.c = common();

@@ -42,7 +42,10 @@ def agree(problems: list[str]) -> None:
 def routing(tokens: int, experts: int, topk: int, pattern: str, device: torch.device, seed: int):
     idx, w = make_routing(COMM.rank, tokens, experts, topk, device, seed)
     if pattern == "skewed":  # every token to rank 0's experts only
-        idx = torch.stack([torch.randperm(experts // COMM.size)[:topk] for _ in range(tokens)])
+        g = torch.Generator().manual_seed(seed + 77 + COMM.rank)
+        idx = torch.stack(
+            [torch.randperm(experts // COMM.size, generator=g)[:topk] for _ in range(tokens)]
+        )
         idx = idx.to(device)
     if pattern == "holes":
         g = torch.Generator().manual_seed(seed + 99 + COMM.rank)
@@ -213,7 +216,10 @@ def test_normal_mode_cuda_graph_with_worst_tokens(normal_pair):
     except Exception as exc:  # reported on every rank by agree()
         problems.append(f"capture failed: {type(exc).__name__}: {exc}")
     if not problems:
-        count = in_rank.sum(1, keepdim=True).float()
+        # Ranks each token goes to, from the routing alone (not from the layout under test).
+        owner = torch.where(idx >= 0, idx // (E // R), -1)
+        count = torch.stack([(owner == r).any(1) for r in range(R)], 1).sum(1, keepdim=True)
+        count = count.float()
         for i in range(3):
             static_x.copy_(make_x(COMM.rank + 7 * (i + 1), T, H, dev))
             torch.cuda.synchronize()

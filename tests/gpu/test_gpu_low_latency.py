@@ -8,7 +8,6 @@ pass/fail across ranks before asserting, so a failure on one rank never strands 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -159,14 +158,19 @@ def expected_combine(idx, w, xf, E) -> np.ndarray:
 
 
 def check_combine(out: torch.Tensor, idx, w, xf, E) -> None:
+    """Per element: the kernel sums in float32 and rounds to BF16 once, so each element is
+    within half a BF16 step (2**-8 relative) of the exact sum. Every term of a sum has the
+    sign of x (weights and expert factors are positive), so there is no cancellation, and a
+    lost or doubled contribution (weight >= 0.1 of a sum of at most 8) is far outside."""
     ref = expected_combine(idx, w, xf, E)
     got = out.float().cpu().numpy()
     assert got.shape == ref.shape, f"combine shape {got.shape} != {ref.shape}"
-    if ref.size == 0:
-        return
-    err = np.abs(got - ref).max()
-    tol = 8e-3 * max(1.0, float(np.abs(ref).max()))
-    assert err <= tol, f"combine max error {err} > {tol}"
+    tol = 2.0**-8 * np.abs(ref) + 1e-30
+    bad = np.argwhere(~(np.abs(got - ref) <= tol))
+    assert bad.size == 0, (
+        f"combine: {len(bad)} elements off, first at {bad[0].tolist()}: "
+        f"{got[tuple(bad[0])]} vs {ref[tuple(bad[0])]}"
+    )
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -243,6 +247,14 @@ def test_bf16_dispatch_combine(engine, hidden, topk):
 def test_fp8_dispatch(engine, hidden, scales):
     rs, ue = scales != "plain", scales == "ue8m0"
     run_checked(lambda: run_case(engine, hidden + len(scales), 64, hidden, 8, True, rs, ue))
+
+
+@pytest.mark.parametrize("hidden", [2048 + 128, 640])
+@pytest.mark.parametrize("hooks", [False, True])
+def test_fp8_ue8m0_hidden_not_multiple_of_512(engine, hidden, hooks):
+    """UE8M0 scales in ceil(H/512) int32 words, the last one partly filled with zero bytes
+    past the last block (issue 11, defect 8; the oracle packs the same way)."""
+    run_checked(lambda: run_case(engine, hidden + 5, 64, hidden, 8, True, True, True, hooks=hooks))
 
 
 @pytest.mark.parametrize("case", ["t_max", "t_one", "zero_tokens", "skewed", "all_masked"])
@@ -527,7 +539,8 @@ def test_timeout_names_rank_and_phase(engine):
     old = engine.timeout_s
     if comm.rank == 0:
         engine.timeout_s = 2.0
-        x = torch.randn(8, H, device=engine.device).to(torch.bfloat16)
+        gen = torch.Generator(device="cpu").manual_seed(97)
+        x = torch.randn(8, H, generator=gen).to(torch.bfloat16).to(engine.device)
         topk = (
             torch.arange(8, device=engine.device).remainder(E).view(8, 1)
         )  # includes rank 1's experts
@@ -545,70 +558,3 @@ def test_timeout_names_rank_and_phase(engine):
     engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
     agree(ok, msg)
     run_checked(lambda: run_case(engine, 91, 32, H, 4))  # usable again after cleaning
-
-
-def test_speed(engine):
-    """The speed bar's shape: 128 tokens, hidden 7168, top-8 of 288, FP8 dispatch, BF16 combine.
-    Timings go to $OUT/ll_bench_rank<r>.json (not asserted: ranks may share one GPU here)."""
-
-    def body():
-        comm = world()
-        E, H, K, T = BENCH_EXPERTS, 7168, 8, MAX_TOKENS
-        dev = engine.device
-        rng = np.random.default_rng(100 + comm.rank)
-        idx, w = oracle.make_routing(rng, T, K, E, comm.size, comm.rank, "random")
-        x = torch.randn(T, H, device=dev).to(torch.bfloat16)
-        topk, weights = torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
-        d = engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)
-        y = torch.randn(d.recv_x.shape, device=dev).to(torch.bfloat16)
-        out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
-
-        def timed(fn, after=None, iters=30):
-            """GPU time of each op, from events around it in a stream that a sleep kernel holds
-            back until every launch is queued (so host launch overhead is not measured)."""
-            comm.Barrier()
-            torch.cuda.synchronize()
-            torch.cuda._sleep(int(2e6 + iters * 2e5))
-            marks = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                r = fn()
-                b.record()
-                if after is not None:
-                    after(r)
-                marks.append((a, b))
-            torch.cuda.synchronize()
-            times = [a.elapsed_time(b) * 1000 for a, b in marks[5:]]
-            return float(np.median(times)), float(np.min(times))
-
-        res = {
-            "rank": comm.rank,
-            "ranks": comm.size,
-            "device": torch.cuda.get_device_name(dev),
-            "gpus": torch.cuda.device_count(),
-            "nvlink_peers": engine.nvlink_peers,
-            "dispatch_fp8_us": timed(
-                lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, False)
-            ),
-            "dispatch_bf16_us": timed(
-                lambda: engine.low_latency_dispatch(x, topk, T, E, False, False, False, None, False)
-            ),
-            "combine_bf16_us": timed(
-                lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, False)
-            ),
-            "dispatch_send_hook_us": timed(
-                lambda: engine.low_latency_dispatch(x, topk, T, E, True, False, False, None, True),
-                after=lambda r: r.hook(),
-            ),
-            "combine_send_hook_us": timed(
-                lambda: engine.low_latency_combine(y, topk, weights, d.handle, False, out, True),
-                after=lambda r: r[1](),
-            ),
-        }
-        engine.check()
-        out_dir = Path(os.environ.get("OUT", "."))
-        (out_dir / f"ll_bench_rank{comm.rank}.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res), flush=True)
-
-    run_checked(body)

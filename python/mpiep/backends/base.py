@@ -38,7 +38,9 @@ class DispatchResult:
 @dataclass
 class LowLatencyDispatchResult:
     recv_x: torch.Tensor  # [E_local, R*max, H] bf16 or e4m3
-    recv_x_scales: torch.Tensor | None  # [E_local, R*max, H/128] f32, or [.., H/512] int32 (UE8M0)
+    recv_x_scales: (
+        torch.Tensor | None
+    )  # [E_local, R*max, H/128] f32, or [.., ceil(H/512)] int32 (UE8M0)
     recv_count: torch.Tensor  # [E_local] int32
     handle: LowLatencyHandle
     hook: Callable[[], None] | None  # finishes the receive when return_recv_hook=True

@@ -1,0 +1,144 @@
+"""Low-latency dispatch and combine while some ranks are masked (see ``mpiep.rank_mask``).
+
+The calls run on a backend over the active ranks' communicator with the experts renumbered
+(masked ranks' experts become -1, the others are numbered by their owner's rank among the
+active ones), and the results are spread back to the full shapes: ``[E/R, R*M, ...]`` with
+every masked source holding zero rows. A full-size handle is all that combine needs: its
+columns of the active ranks make the handle of the smaller group. Any backend can run this
+way; until the GPU kernels mask ranks natively, GPU tensors go through the reference path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.handles import LowLatencyHandle
+from mpiep.rank_mask import RankMask
+
+
+def renumber(topk_idx: torch.Tensor, mask: RankMask, experts_per_rank: int) -> torch.Tensor:
+    """Expert ids as the active ranks' group numbers them; -1 for masked ranks' experts."""
+    pos = mask.positions(topk_idx.device)
+    owner = topk_idx.clamp(min=0) // experts_per_rank
+    new = pos[owner] * experts_per_rank + topk_idx.clamp(min=0) % experts_per_rank
+    return torch.where((topk_idx >= 0) & (pos[owner] >= 0), new, -1).contiguous()
+
+
+def dispatch(
+    mask: RankMask,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    max_tokens: int,
+    num_experts: int,
+    use_fp8: bool,
+    round_scale: bool,
+    use_ue8m0: bool,
+    stats: torch.Tensor | None,
+    return_recv_hook: bool,
+) -> LowLatencyDispatchResult:
+    num_ranks, active = mask.full.size, mask.active
+    e_local = num_experts // num_ranks
+    sub = mask.backend.low_latency_dispatch(  # type: ignore[union-attr]
+        x,
+        renumber(topk_idx, mask, e_local),
+        max_tokens,
+        e_local * len(active),
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        stats,
+        return_recv_hook,
+    )
+    rows, sub_rows = num_ranks * max_tokens, len(active) * max_tokens
+    recv_x = _with_rows(sub.recv_x, rows)
+    scales = None if sub.recv_x_scales is None else _with_rows(sub.recv_x_scales, rows)
+    src = torch.full((e_local, rows), -1, dtype=torch.int32, device=sub.recv_count.device)
+    layout = torch.zeros((e_local, num_ranks, 2), dtype=torch.int32, device=src.device)
+
+    def spread() -> None:
+        recv_x[:, :sub_rows] = sub.recv_x
+        if scales is not None:
+            scales[:, :sub_rows] = sub.recv_x_scales
+        src[:, :sub_rows] = sub.handle.src_token_idx
+        counts = torch.zeros((e_local, num_ranks), dtype=torch.int32, device=src.device)
+        counts[:, active] = sub.handle.layout_range[:, :, 1].to(src.device)
+        layout[:, :, 1] = counts
+        layout[:, :, 0] = (torch.cumsum(counts, 1) - counts).to(torch.int32)
+
+    hook: Callable[[], None] | None = None
+    if sub.hook is not None:
+        hook = _then(sub.hook, spread)
+    else:
+        spread()
+    handle = LowLatencyHandle(
+        num_max_dispatch_tokens_per_rank=max_tokens,
+        hidden=x.shape[1],
+        num_experts=num_experts,
+        src_token_idx=src,
+        layout_range=layout,
+        num_tokens=x.shape[0],
+        backend_state={"active": tuple(active)},
+    )
+    return LowLatencyDispatchResult(recv_x, scales, sub.recv_count, handle, hook)
+
+
+def combine(
+    mask: RankMask,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: LowLatencyHandle,
+    out: torch.Tensor | None,
+    return_recv_hook: bool,
+) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """``x`` is full-size ``[E/R, R*M, H]``; the rows of masked sources are not sent back."""
+    active = mask.active
+    e_local = handle.num_experts // mask.full.size
+    sub_handle = LowLatencyHandle(
+        num_max_dispatch_tokens_per_rank=handle.num_max_dispatch_tokens_per_rank,
+        hidden=handle.hidden,
+        num_experts=e_local * len(active),
+        src_token_idx=handle.src_token_idx,
+        layout_range=handle.layout_range[:, active].contiguous(),
+        num_tokens=handle.num_tokens,
+    )
+    return mask.backend.low_latency_combine(  # type: ignore[union-attr]
+        x,
+        renumber(topk_idx, mask, e_local),
+        topk_weights,
+        sub_handle,
+        False,
+        out,
+        return_recv_hook,
+    )
+
+
+def check_combinable(handle: LowLatencyHandle, mask: RankMask) -> None:
+    """A handle can be combined while the active ranks are those of its dispatch or fewer
+    (a rank unmasked since has no rows of it)."""
+    dispatched: Any = handle.backend_state.get("active")
+    if dispatched is None:
+        dispatched = range(mask.full.size)
+    back = sorted(set(mask.active) - set(dispatched))
+    if back:
+        raise ValueError(
+            f"handle: its low_latency_dispatch ran while ranks {back} were masked and they "
+            "are active now; dispatch again before combining"
+        )
+
+
+def _with_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeros shaped like ``t`` but with ``rows`` rows per expert."""
+    return torch.zeros((t.shape[0], rows, *t.shape[2:]), dtype=t.dtype, device=t.device)
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both

@@ -1,0 +1,160 @@
+"""``Buffer(enable_shrink=True)``: low-latency calls go on when ranks fail.
+
+The glue between ``Buffer`` and the mask (``mpiep.rank_mask``, ``mpiep.masked_ll``): it picks
+the communicator and backend of each low-latency call, and when a call times out it finds and
+masks the ranks that stopped answering and runs the call again among the others, so that the
+call returns as if the failed ranks' experts were absent (DeepEP V1's shrink mode). A receive
+hook that times out does the same and fills the tensors the call returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mpiep import masked_ll
+from mpiep.backends.base import Backend, LowLatencyDispatchResult
+from mpiep.comm import Communicator
+from mpiep.errors import PeerTimeoutError
+from mpiep.handles import LowLatencyHandle
+from mpiep.rank_mask import RankMask
+
+
+class Shrink:
+    def __init__(self, comm: Communicator, device: torch.device, nvl: int, rdma: int) -> None:
+        self.mask = RankMask(comm, device, nvl, rdma)
+        self._combine_buffer: torch.Tensor | None = None
+        self.last_recovery: str = ""  # what the last timeout masked (for logs and tests)
+
+    # -- which communicator ------------------------------------------------------------
+    def control(self, full: Communicator) -> Communicator:
+        """The communicator low-latency calls agree on; RuntimeError on a masked rank."""
+        me = self.mask.full.rank
+        if me not in self.mask.active:
+            raise RuntimeError(
+                f"rank {me} is masked out of low-latency mode (low_latency_query_mask_buffer); "
+                "the other ranks go on without it"
+            )
+        return self.mask.comm if self.mask.comm is not None else full
+
+    def check_normal_mode(self) -> None:
+        if self.mask.poisoned:
+            raise RuntimeError(
+                "normal mode is unusable on this Buffer: a low-latency call timed out and left "
+                f"a collective unfinished on its communicator ({self.mask.poisoned}); ranks "
+                f"{self.mask.masked} are masked and low-latency calls go on without them"
+            )
+
+    # -- calls ------------------------------------------------------------------------
+    def dispatch(self, backend: Backend, *args: Any) -> LowLatencyDispatchResult:
+        """``backend.low_latency_dispatch(*args)``, masked when needed, recovering once."""
+        self.mask.calls += 1
+
+        def masked() -> LowLatencyDispatchResult:
+            return masked_ll.dispatch(self.mask, *args)
+
+        result = self._run(lambda: backend.low_latency_dispatch(*args), masked)
+        if result.hook is not None:
+            sync_args = (*args[:-1], False)
+            result.hook = self._recovering(
+                result.hook,
+                lambda: _fill_dispatch(result, masked_ll.dispatch(self.mask, *sync_args)),
+            )
+        return result
+
+    def combine(
+        self,
+        backend: Backend,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        zero_copy: bool,
+        out: torch.Tensor | None,
+        return_recv_hook: bool,
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        self.mask.calls += 1
+        if zero_copy:  # the rows are in a buffer: the masked run reads them there too
+            engaged = self.mask.engaged
+            x = self.combine_buffer(handle) if engaged else backend_buffer(backend, handle)
+
+        def masked(hook: bool) -> tuple[torch.Tensor, Callable[[], None] | None]:
+            return masked_ll.combine(self.mask, x, topk_idx, topk_weights, handle, out, hook)
+
+        combined, hook = self._run(
+            lambda: backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
+            ),
+            lambda: masked(return_recv_hook),
+        )
+        if hook is not None:
+            hook = self._recovering(hook, lambda: combined.copy_(masked(False)[0]))
+        return combined, hook
+
+    def check_combinable(self, handle: LowLatencyHandle) -> None:
+        masked_ll.check_combinable(handle, self.mask)
+
+    def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """While masked: the full-size buffer that ``zero_copy`` combine reads."""
+        shape = (
+            handle.num_experts // self.mask.full.size,
+            self.mask.full.size * handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+        )
+        buf = self._combine_buffer
+        if buf is None or tuple(buf.shape) != shape:
+            buf = torch.zeros(shape, dtype=torch.bfloat16, device=self.mask.device)
+            self._combine_buffer = buf
+        return buf
+
+    def clean(self, backend: Backend, *args: Any) -> None:
+        if self.mask.backend is not None:
+            self.mask.backend.clean_low_latency_buffer(*args)
+        else:
+            backend.clean_low_latency_buffer(*args)
+        if self._combine_buffer is not None:
+            self._combine_buffer.zero_()
+
+    # -- recovery ------------------------------------------------------------------------
+    def _run(self, full: Callable[[], Any], masked: Callable[[], Any]) -> Any:
+        try:
+            return masked() if self.mask.engaged else full()
+        except PeerTimeoutError as exc:
+            self.recover(exc)
+            return masked()
+
+    def _recovering(self, hook: Callable[[], None], again: Callable[[], Any]) -> Callable[[], None]:
+        def receive() -> None:
+            try:
+                hook()
+            except PeerTimeoutError as exc:
+                self.recover(exc)
+                again()
+
+        return receive
+
+    def recover(self, error: PeerTimeoutError) -> None:
+        """Mask the ranks that stopped answering (agreed among the others), or raise."""
+        newly = self.mask.recover(error)
+        self.last_recovery = f"masked ranks {newly} after: {error}"
+
+    def free(self) -> None:
+        self.mask.free()
+        self._combine_buffer = None
+
+
+def backend_buffer(backend: Backend, handle: LowLatencyHandle) -> torch.Tensor:
+    return backend.get_next_low_latency_combine_buffer(handle)
+
+
+def _fill_dispatch(into: LowLatencyDispatchResult, fresh: LowLatencyDispatchResult) -> None:
+    """Copy a re-run dispatch into the tensors (and handle) the caller already holds."""
+    into.recv_x.copy_(fresh.recv_x)
+    if into.recv_x_scales is not None and fresh.recv_x_scales is not None:
+        into.recv_x_scales.copy_(fresh.recv_x_scales)
+    into.recv_count.copy_(fresh.recv_count)
+    into.handle.src_token_idx.copy_(fresh.handle.src_token_idx)
+    into.handle.layout_range.copy_(fresh.handle.layout_range)
+    into.handle.backend_state = fresh.handle.backend_state
