@@ -23,18 +23,24 @@ def main() -> None:
     T, H, K, E = 4096, 7168, 8, 256
     results = []
     for rpn in [int(v) for v in os.environ.get("PROBE_RPN", "1,2").split(",")]:
-        if world.size % rpn or world.size // rpn < 2:
+        if world.size % rpn:
             continue
         comm = Communicator(world, ranks_per_node=rpn, timeout_s=30)
         dev = torch.device("cuda", comm.select_device(torch.cuda.device_count()))
         torch.cuda.set_device(dev)
-        eng = InternodeEngine(comm, dev, 300 << 20, 600 << 20, 30.0)
+        if comm.num_nodes == 1:  # the intranode kernels, for comparison
+            from mpiep.backends.cuda_intranode import IntranodeEngine
+
+            eng = IntranodeEngine(comm, dev, 300 << 20, 30.0)
+        else:
+            eng = InternodeEngine(comm, dev, 300 << 20, 600 << 20, 30.0)
         g = torch.Generator().manual_seed(7 + world.rank)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
         w = torch.rand(T, K, generator=g).to(dev)
         x = torch.randn(T, H, generator=g).to(torch.bfloat16).to(dev)
         lay = eng.get_dispatch_layout(idx, E)
-        for sms, chunk in [(24, 6), (24, 32), (8, 32), (48, 32)]:
+        grids = os.environ.get("PROBE_GRIDS", "24:6,24:32,8:32")
+        for sms, chunk in [tuple(int(v) for v in g.split(":")) for g in grids.split(",")]:
             cfg = Config(sms, num_max_rdma_chunked_send_tokens=chunk)
             first = eng.dispatch(x, None, idx, w, lay, None, E, 1, 0, cfg)
 
