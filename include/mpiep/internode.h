@@ -62,7 +62,10 @@ struct NvlControl {
   int64_t data_epoch;               // this rank's epoch of the data kernels
   int64_t notify_epoch;             // this rank's epoch of the notify kernel
   unsigned int exit_count;          // "last block leaves" counter of the data kernels
-  int pad_[3];
+  // Set with the first device error of this rank: waits poll it here, in device memory,
+  // and never the host-mapped error record (a PCIe read per poll of every waiting warp).
+  int failed;
+  int pad_[2];
   // Rows delivered into this rank's NVLink buffer, added by the writers after each chunk
   // and reset by the last block of the kernel that consumed them. Counted per source node,
   // so that a reader can start on one node's rows while others are still on their way.

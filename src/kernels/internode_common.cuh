@@ -100,15 +100,17 @@ __device__ __forceinline__ bool nth_chunk(int i, int groups, int chunk, CountFn 
   return false;
 }
 
-// The first error of this rank wins; the host reads it from mapped memory.
-__device__ __forceinline__ void report_error(HostInfo* host, int phase, int peer) {
-  if (atomicCAS(const_cast<int*>(&host->error_phase), 0, phase) == 0) {
-    host->error_peer = peer;
+// The first error of this rank wins; the host reads it from mapped memory, this rank's
+// waits from the device word (NvlControl::failed).
+__device__ __forceinline__ void report_error(const Peers& p, int phase, int peer) {
+  if (atomicCAS(const_cast<int*>(&p.host->error_phase), 0, phase) == 0) {
+    p.host->error_peer = peer;
     __threadfence_system();
   }
+  atomicExch(&p.nvl_ctrl[p.topo.local]->failed, 1);
 }
-__device__ __forceinline__ bool failed_before(const HostInfo* host) {
-  return *reinterpret_cast<const volatile int*>(&host->error_phase) != 0;
+__device__ __forceinline__ bool failed_before(const Peers& p) {
+  return *reinterpret_cast<const volatile int*>(&p.nvl_ctrl[p.topo.local]->failed) != 0;
 }
 
 __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
@@ -132,11 +134,11 @@ __device__ __forceinline__ bool wait_at_least(const Peers& p, const uint64_t* fl
       return true;
     }
     __nanosleep(sleep_ns);
-    if (sleep_ns < 1024) sleep_ns *= 2;
+    if (sleep_ns < 256) sleep_ns *= 2;
     if ((iter & 15) == 0) {
-      if (failed_before(p.host)) return false;
+      if (failed_before(p)) return false;
       if (global_ns() > deadline) {
-        report_error(p.host, phase, peer);
+        report_error(p, phase, peer);
         return false;
       }
     }
@@ -251,12 +253,12 @@ __device__ __forceinline__ bool fits(const Peers& p, const Tables& tb, int64_t n
                                      int64_t nvl_row, int64_t rdma_rows, int64_t rdma_row,
                                      int64_t stage_rows, int64_t stage_row, int worst_rows) {
   if (worst_rows > 0 && tb.status(kMaxRecv) > worst_rows) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) report_error(p.host, kPhaseWorstTokens, -1);
+    if (blockIdx.x == 0 && threadIdx.x == 0) report_error(p, kPhaseWorstTokens, -1);
     return false;
   }
   if (nvl_rows * nvl_row > p.nvl_row_bytes ||
       rdma_rows * rdma_row + stage_rows * stage_row > p.rdma_data_bytes) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) report_error(p.host, kPhaseCapacity, -1);
+    if (blockIdx.x == 0 && threadIdx.x == 0) report_error(p, kPhaseCapacity, -1);
     return false;
   }
   return true;
