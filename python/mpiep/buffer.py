@@ -123,6 +123,7 @@ class Buffer:
             abort_on_timeout=abort_on_timeout,
         )
         self._destroyed = False  # from here on __del__ frees what exists
+        self._ll_fits: set[tuple[int, int, int]] = set()  # low-latency shapes that fit
         self.rank = self.comm.rank
         self.group_size = self.comm.size
         self.num_nvl_bytes = num_nvl_bytes
@@ -135,6 +136,8 @@ class Buffer:
         self.nvshmem_bootstrap = nvshmem_bootstrap
         self.device = self._pick_device(device)
         self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.comm_stream is not None:
+            self._hop_in, self._hop_out = torch.cuda.Event(), torch.cuda.Event()
         self.backend: Backend = self._make_backend(backend)
         if validate is None:
             env = os.environ.get("MPIEP_VALIDATE")
@@ -296,9 +299,19 @@ class Buffer:
         if previous_event is not None and previous_event.event is not None:
             self.comm_stream.wait_event(previous_event.event)
         else:
-            self.comm_stream.wait_stream(compute)
+            # Reused events for the stream hops: one record and one wait, no new event.
+            self._hop_in.record(compute)
+            self.comm_stream.wait_event(self._hop_in)
         with torch.cuda.stream(self.comm_stream):
             result = run()
+        if not async_finish:
+            self._hop_out.record(self.comm_stream)
+            compute.wait_event(self._hop_out)
+            if not allocate_on_comm_stream:
+                for t in outputs(result):
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(compute)
+            return result, EventOverlap(None)
         tensors = [t for t in (*inputs, *outputs(result)) if isinstance(t, torch.Tensor)]
         event = torch.cuda.Event()
         event.record(self.comm_stream)
@@ -310,12 +323,7 @@ class Buffer:
                 for t in tensors:
                     t.record_stream(compute)
             return result, EventOverlap(event, tuple(tensors))
-        compute.wait_stream(self.comm_stream)
-        if not allocate_on_comm_stream:
-            for t in outputs(result):
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(compute)
-        return result, EventOverlap(event)
+        raise AssertionError("unreachable")
 
     # -- normal mode ----------------------------------------------------------------------
     def get_dispatch_layout(
@@ -627,8 +635,13 @@ class Buffer:
             raise ValueError(
                 f"low-latency mode needs a hidden size that is a multiple of 128, got {hidden}"
             )
+        key = (max_tokens, hidden, num_experts)
+        if key in self._ll_fits:  # decode repeats one shape: check its size once
+            return
         need = cfg.get_low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
-        if need > self.num_rdma_bytes:
+        if need <= self.num_rdma_bytes:
+            self._ll_fits.add(key)
+        else:
             raise CapacityError(
                 f"num_max_dispatch_tokens_per_rank={max_tokens}, hidden={hidden}, "
                 f"num_experts={num_experts} "
@@ -825,9 +838,9 @@ class Buffer:
         """Low-latency calls run on the current stream unless async (as in DeepEP), so that
         they can be captured in a CUDA graph together with the surrounding compute."""
         if self.comm_stream is None or not async_finish:
-            result = run()
-            event = self.capture() if self.comm_stream is not None else EventOverlap(None)
-            return result, event
+            # Synchronous: the work is on the current stream already; as in DeepEP, the
+            # event is empty (recording one per call cost more than the launch itself).
+            return run(), EventOverlap(None)
         return self._on_comm_stream(run, None, True, False, inputs, outputs)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:

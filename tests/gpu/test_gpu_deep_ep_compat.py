@@ -101,7 +101,8 @@ def test_gpu_dispatch_fp8_worst_cached(
     group, tcomm = sc.make_group("world")
     with collective_check(COMM):
         assert tcomm is not None
-        case = sc.make_normal_case(tcomm, seed, HIDDEN, 8, 2, "random")
+        e_local = max(2, -(-8 // tcomm.size))  # top-8 needs at least 8 experts in all
+        case = sc.make_normal_case(tcomm, seed, HIDDEN, 8, e_local, "random")
         nvl = deep_ep.Buffer.get_combine_config(tcomm.size).get_nvl_buffer_size_hint(
             HIDDEN * 2, tcomm.size
         )
