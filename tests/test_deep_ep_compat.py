@@ -336,7 +336,17 @@ def test_config_signature_and_hints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPIEP_MAX_TOKENS_PER_RANK", "lots")
     with pytest.raises(ValueError, match="MPIEP_MAX_TOKENS_PER_RANK"):
         c.get_nvl_buffer_size_hint(hidden * 2, ranks)
+    # RDMA: none within one node (8 ranks by default, DeepEP's NVLink domain); across nodes
+    # a whole exchange of the same token count.
+    monkeypatch.delenv("MPIEP_MAX_TOKENS_PER_RANK", raising=False)
+    monkeypatch.delenv("MPIEP_RANKS_PER_NODE", raising=False)
     assert c.get_rdma_buffer_size_hint(hidden * 2, ranks) == 0
+    want = mcfg.get_internode_rdma_size_hint(4096, hidden, 32, 8, 32)
+    assert c.get_rdma_buffer_size_hint(hidden * 2, 32) == want > 0
+    monkeypatch.setenv("MPIEP_RANKS_PER_NODE", "2")
+    assert c.get_rdma_buffer_size_hint(hidden * 2, ranks) == mcfg.get_internode_rdma_size_hint(
+        4096, hidden, ranks, 2, 32
+    )
 
 
 def test_class_helpers(restore_num_sms: None) -> None:
@@ -455,8 +465,6 @@ def test_mismatch_diagnosis() -> None:
 
 def test_constructor_refusals() -> None:
     """Refusals that happen before any communication."""
-    with pytest.raises(NotImplementedError, match="enable_shrink"):
-        deep_ep.Buffer(None, enable_shrink=True)
     with pytest.raises(ValueError, match="Either 'group' or 'comm'"):
         deep_ep.Buffer()
     with pytest.raises(ValueError, match="not both"):
@@ -499,8 +507,8 @@ def test_single_rank_buffer_surface(seed: int) -> None:
             lambda: buffer.low_latency_query_mask_buffer(torch.zeros(1, dtype=torch.int32)),
             buffer.low_latency_clean_mask_buffer,
         ):
-            with pytest.raises(NotImplementedError, match="masking"):
-                call()
+            with pytest.raises(RuntimeError, match="enable_shrink=True"):
+                call()  # rank masking is mpiep's, and needs enable_shrink
         assert buffer.internode_dispatch == buffer.dispatch
         x = torch.ones(4, HIDDEN, dtype=torch.bfloat16)
         idx = torch.tensor([[0, 1], [2, -1], [3, 0], [-1, -1]])

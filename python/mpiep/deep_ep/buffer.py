@@ -81,8 +81,17 @@ class Config(cfg.Config):
         return max(super().get_nvl_buffer_size_hint(hidden_bytes, num_ranks), need)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """0: mpiep's normal mode uses no RDMA buffer (across nodes it goes through MPI)."""
-        return 0
+        """RDMA bytes for normal mode across nodes: none on one node; else what a whole
+        exchange of ``MPIEP_MAX_TOKENS_PER_RANK`` (default 4096) tokens per rank needs
+        (:func:`mpiep.config.get_internode_rdma_size_hint`), with ``MPIEP_RANKS_PER_NODE``
+        (default 8, DeepEP's NVLink domain) ranks per node."""
+        per_node = int(os.environ.get("MPIEP_RANKS_PER_NODE") or 8)
+        if num_ranks <= per_node:
+            return 0
+        hidden = -(-int(hidden_bytes) // 2)
+        return cfg.get_internode_rdma_size_hint(
+            max_tokens_per_rank(), hidden, num_ranks, per_node, HINT_NUM_TOPK
+        )
 
 
 _warned: set[str] = set()
@@ -138,7 +147,8 @@ class Buffer:
     Keyword-only (DeepEP V1 and DeepEP V2's legacy Buffer order them differently):
         use_fabric: accepted, no effect (mpiep maps node-local buffers with CUDA IPC).
         explicitly_destroy: as in DeepEP (``destroy()`` may be called either way here).
-        enable_shrink: refused (NotImplementedError): mpiep has no rank masking.
+        enable_shrink: rank masking in low-latency mode (``mpiep.Buffer(enable_shrink=True)``):
+            a silent rank is masked and low-latency calls go on among the others.
         comm: an mpi4py communicator, when ``group`` is None.
 
     mpiep's own keywords (``backend``, ``ranks_per_node``, ``timeout_s``, ``validate``,
@@ -167,13 +177,8 @@ class Buffer:
         timeout_s: float | None = None,
         validate: bool | None = None,
         device: str | torch.device | None = None,
+        nvshmem_bootstrap: str | None = None,
     ) -> None:
-        if enable_shrink:
-            raise NotImplementedError(
-                "enable_shrink=True (masking failed ranks in low-latency mode) is not "
-                "supported by mpiep: a silent peer raises PeerTimeoutError after timeout_s "
-                "instead"
-            )
         mpi_comm, owned = self._resolve_comm(group, comm)
         from mpiep.buffer import Buffer as MpiepBuffer
 
@@ -192,6 +197,8 @@ class Buffer:
                 timeout_s=timeout_s,
                 validate=validate,
                 device=device,
+                enable_shrink=bool(enable_shrink),
+                nvshmem_bootstrap=nvshmem_bootstrap,
             )
         finally:
             if owned:
@@ -204,7 +211,7 @@ class Buffer:
         self.num_rdma_bytes: int = num_rdma_bytes
         self.low_latency_mode: bool = low_latency_mode
         self.explicitly_destroy: bool = explicitly_destroy
-        self.enable_shrink: bool = False
+        self.enable_shrink: bool = bool(enable_shrink)
         self.use_fabric: bool = bool(use_fabric)
 
     @staticmethod
@@ -502,20 +509,15 @@ class Buffer:
         """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
         return self._buffer.get_next_low_latency_combine_buffer(unwrap_low_latency_handle(handle))
 
+    # Rank masking (enable_shrink=True): mpiep.Buffer's, with DeepEP's names.
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        raise NotImplementedError(_SHRINK_REFUSED)
+        self._buffer.low_latency_update_mask_buffer(rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        raise NotImplementedError(_SHRINK_REFUSED)
+        self._buffer.low_latency_query_mask_buffer(mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
-        raise NotImplementedError(_SHRINK_REFUSED)
-
-
-_SHRINK_REFUSED = (
-    "rank masking (DeepEP's enable_shrink mode) is not supported by mpiep; a silent peer "
-    "raises PeerTimeoutError after timeout_s instead"
-)
+        self._buffer.low_latency_clean_mask_buffer()
 
 
 def _fields(c: cfg.Config) -> tuple[int, int, int, int, int]:
