@@ -17,11 +17,13 @@
 namespace mpiep {
 namespace internode {
 
+using intranode::add_bf16x8;
 using intranode::global_ns;
 using intranode::kFullMask;
 using intranode::ld_acquire_sys;
 using intranode::ld_input;
 using intranode::ld_peer_written;
+using intranode::pack_bf16x8;
 using intranode::st_release_sys;
 
 __device__ __forceinline__ void red_add_release_sys(unsigned long long* p, unsigned long long v) {
@@ -262,23 +264,6 @@ __device__ __forceinline__ bool fits(const Peers& p, const Tables& tb, int64_t n
     return false;
   }
   return true;
-}
-
-__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-  int4 res;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-  return res;
 }
 
 }  // namespace internode

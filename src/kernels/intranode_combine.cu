@@ -94,16 +94,6 @@ __device__ void send_segment(const CombineArgs& a, int row_bytes, int w_off, uin
   }
 }
 
-__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
 __device__ void reduce_segment(const CombineArgs& a, int row_bytes, int w_off, uint32_t epoch,
                                int g, int S) {
   const PeerPointers& p = a.peers;
@@ -191,11 +181,7 @@ __device__ void reduce_segment(const CombineArgs& a, int row_bytes, int w_off, u
         if (idx >= n16) break;
         if (b0) add_bf16x8(acc[u], __ldg(b0 + idx));
         if (b1) add_bf16x8(acc[u], __ldg(b1 + idx));
-        int4 res;
-        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(acc[u][2 * e], acc[u][2 * e + 1]);
-        out[idx] = res;
+        out[idx] = pack_bf16x8(acc[u]);
       }
     }
     if (a.out_weights && lane < K) {

@@ -68,6 +68,25 @@ __device__ __forceinline__ int4 ld_peer_written(const int4* p) {
 // Caller inputs do not change during a kernel: read-only path.
 __device__ __forceinline__ int4 ld_input(const int4* p) { return __ldg(p); }
 
+// Eight BF16 values (one 16-byte load) accumulated into fp32, and eight fp32 sums packed
+// back to BF16 (round to nearest even): the combine reductions.
+__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+  int4 res;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+  return res;
+}
+
 // The exclusive prefix of a send_slot entry (entries of non-members store -1 - prefix).
 __device__ __forceinline__ int slot_prefix(int v) { return v >= 0 ? v : -1 - v; }
 

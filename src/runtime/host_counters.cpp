@@ -2,12 +2,10 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
-#include <chrono>
 #include <cstring>
-#include <thread>
 
 #include "mpiep/errors.h"
+#include "runtime/host_wait.h"
 
 namespace mpiep {
 
@@ -81,34 +79,9 @@ void HostCounters::check_error(int rank) const {
 }
 
 void HostCounters::wait_ready(int64_t token, double timeout_s, void* stream, int rank) const {
-  using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
-  // A little longer than the kernels' own timeout, so that they report first and name
-  // the peer and phase.
-  const auto deadline = start + std::chrono::duration<double>(timeout_s + 1.0);
-  int polls = 0;
-  while (host_->ready_token != token) {
-    check_error(rank);
-    if ((++polls & 1023) == 0) {
-      const cudaError_t err = cudaStreamQuery(static_cast<cudaStream_t>(stream));
-      if (err != cudaSuccess && err != cudaErrorNotReady) {
-        throw Error(ErrorCode::kCuda,
-                    std::string("rank ") + std::to_string(rank) +
-                        ": intranode notify kernel failed: " + cudaGetErrorString(err));
-      }
-      if (clock::now() > deadline) {
-        throw Error(ErrorCode::kTimeout, "rank " + std::to_string(rank) +
-                                             ": no intranode notify result within " +
-                                             std::to_string(timeout_s) +
-                                             "s (a peer crashed, hangs, or skipped this call)");
-      }
-      if (clock::now() - start > std::chrono::milliseconds(2)) {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
-      }
-    }
-  }
-  std::atomic_thread_fence(std::memory_order_acquire);
-  check_error(rank);
+  wait_for_token(
+      &host_->ready_token, token, timeout_s, static_cast<cudaStream_t>(stream),
+      [&] { check_error(rank); }, "rank " + std::to_string(rank) + " (intranode)");
 }
 
 }  // namespace mpiep

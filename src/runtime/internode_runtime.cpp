@@ -2,11 +2,8 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
-#include <chrono>
-#include <thread>
-
 #include "mpiep/errors.h"
+#include "runtime/host_wait.h"
 #include "runtime/nvshmem_runtime.h"
 
 namespace mpiep {
@@ -197,35 +194,10 @@ int64_t InternodeRuntime::notify(NotifyArgs a, cudaStream_t stream) {
 
 void InternodeRuntime::wait_notify(int64_t token, cudaStream_t stream) const {
   require_open();
-  using clock = std::chrono::steady_clock;
-  const HostInfo* h = host_->host();
-  const auto start = clock::now();
-  // A little longer than the kernels' own timeout, so that they report first and name
-  // the peer and phase.
-  const auto deadline = start + std::chrono::duration<double>(timeout_s_ + 1.0);
-  int polls = 0;
-  while (h->ready_token != token) {
-    check_error();
-    if ((++polls & 1023) == 0) {
-      const cudaError_t err = cudaStreamQuery(stream);
-      if (err != cudaSuccess && err != cudaErrorNotReady) {
-        throw Error(ErrorCode::kCuda,
-                    "rank " + std::to_string(topo_.rank) +
-                        ": internode notify kernel failed: " + cudaGetErrorString(err));
-      }
-      if (clock::now() > deadline) {
-        throw Error(ErrorCode::kTimeout,
-                    "rank " + std::to_string(topo_.rank) + " (node " + std::to_string(topo_.node) +
-                        "): no internode notify result within " + std::to_string(timeout_s_) +
-                        "s (a peer crashed, hangs, or skipped this call)");
-      }
-      if (clock::now() - start > std::chrono::milliseconds(2)) {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
-      }
-    }
-  }
-  std::atomic_thread_fence(std::memory_order_acquire);
-  check_error();
+  wait_for_token(
+      &host_->host()->ready_token, token, timeout_s_, stream, [&] { check_error(); },
+      "rank " + std::to_string(topo_.rank) + " (node " + std::to_string(topo_.node) +
+          ", internode)");
 }
 
 std::vector<int> InternodeRuntime::status() const {

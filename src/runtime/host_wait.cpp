@@ -1,0 +1,40 @@
+#include "runtime/host_wait.h"
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "mpiep/errors.h"
+
+namespace mpiep {
+
+void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout_s,
+                    cudaStream_t stream, const std::function<void()>& check_error,
+                    const std::string& who) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  const auto deadline = start + std::chrono::duration<double>(timeout_s + 1.0);
+  int polls = 0;
+  while (*ready != token) {
+    check_error();
+    if ((++polls & 1023) == 0) {
+      const cudaError_t err = cudaStreamQuery(stream);
+      if (err != cudaSuccess && err != cudaErrorNotReady) {
+        throw Error(ErrorCode::kCuda, who + ": notify kernel failed: " + cudaGetErrorString(err));
+      }
+      if (clock::now() > deadline) {
+        throw Error(ErrorCode::kTimeout, who + ": no notify result within " +
+                                             std::to_string(timeout_s) +
+                                             "s (a peer crashed, hangs, or skipped this call)");
+      }
+      // Spin while the answer is likely close; then yield the core.
+      if (clock::now() - start > std::chrono::milliseconds(2)) {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    }
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  check_error();
+}
+
+}  // namespace mpiep

@@ -1,0 +1,21 @@
+// The host side of a notify: wait until a kernel publishes a token in host-mapped memory,
+// checking the kernels' error record and the stream as it goes, with a deadline.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace mpiep {
+
+// Returns once *ready == token. Throws what `check_error` throws (a kernel reported a
+// timeout or overflow), Error(kCuda) when the stream failed, and Error(kTimeout) after
+// timeout_s + 1 s (a little longer than the kernels' own timeout, so that they report first
+// and name the peer and phase). `who` names the rank in messages.
+void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout_s,
+                    cudaStream_t stream, const std::function<void()>& check_error,
+                    const std::string& who);
+
+}  // namespace mpiep
