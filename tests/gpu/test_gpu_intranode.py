@@ -26,6 +26,9 @@ torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import normal_checks as nc  # noqa: E402
+
 import oracle  # noqa: E402
 
 try:
@@ -44,6 +47,8 @@ pytestmark = [
 ]
 
 NUM_EXPERTS = 64
+# One fp32 sum per token, in another order than the expectation's, then one BF16 rounding.
+FP32_ORDER_TOL = 2.0**-16
 NVL_BYTES = 256 << 20
 ENGINE_TIMEOUT_S = 15.0  # a hung kernel reports within this, naming rank and phase
 
@@ -138,114 +143,6 @@ def make_case(seed: int, T: int, H: int, K: int, pattern: str, fp8: bool, device
     return x, scales, topk_idx, topk_w
 
 
-def close_bf16(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    af, bf = a.float(), b.float()
-    assert torch.isfinite(af).all(), f"{what}: non-finite values"
-    # Different fp32 summation orders differ by at most a BF16 rounding step or two.
-    tol = 2.0**-6 * bf.abs() + 1e-3
-    bad = ((af - bf).abs() > tol).nonzero()
-    assert bad.numel() == 0, (
-        f"{what}: {bad.shape[0]} elements off, first at {bad[0].tolist()}: "
-        f"{af[tuple(bad[0])].item()} vs {bf[tuple(bad[0])].item()}"
-    )
-
-
-def np_bits(t: torch.Tensor | None) -> np.ndarray | None:
-    """A tensor's raw elements as numpy (BF16 as int16, FP8 as uint8)."""
-    if t is None:
-        return None
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    elif t.dtype == torch.float8_e4m3fn:
-        t = t.view(torch.uint8)
-    return t.numpy()
-
-
-def expected_dispatch(ins, K: int, alignment: int):
-    """What this rank must receive, from every rank's gathered inputs (the contract)."""
-    me, R = world().rank, world().size
-    E_loc = NUM_EXPERTS // R
-    xs, ss, srcs, ids, ws, per_src = [], [], [], [], [], []
-    for _s, (x, sc, idx, w) in enumerate(ins):
-        owner = np.where(idx >= 0, idx // E_loc, -1)
-        tok = np.nonzero((owner == me).any(axis=1))[0]
-        per_src.append(len(tok))
-        xs.append(x[tok])
-        ss.append(sc[tok] if sc is not None else None)
-        srcs.append(tok.astype(np.int32))
-        mine = owner[tok] == me
-        ids.append(np.where(mine, idx[tok] - me * E_loc, -1).astype(np.int64))
-        ws.append(np.where(mine, w[tok], 0).astype(np.float32))
-    exp = {
-        "x": np.concatenate(xs),
-        "scales": None if ss[0] is None else np.concatenate(ss),
-        "src": np.concatenate(srcs),
-        "idx": np.concatenate(ids)[:, :K],
-        "w": np.concatenate(ws)[:, :K],
-        "per_src": np.array(per_src, dtype=np.int32),
-    }
-    counts = [int((exp["idx"] == e).sum()) for e in range(E_loc)]
-    exp["per_expert"] = [-(-c // alignment) * alignment for c in counts]
-    return exp
-
-
-def check_dispatch(res, exp, K: int, worst: int) -> None:
-    n = len(exp["src"])
-    rows = worst if worst else n
-    assert res.recv_x.shape[0] == rows, f"recv_x rows {res.recv_x.shape[0]} != {rows}"
-    got_x = np_bits(res.recv_x)
-    assert np.array_equal(got_x[:n], exp["x"]), "recv_x differs (bit-exact)"
-    assert not got_x[n:].any(), "recv_x padding must be zero"
-    if exp["scales"] is not None:
-        got = np_bits(res.recv_x_scales)
-        assert np.array_equal(got[:n], exp["scales"]), "recv_x_scales differ"
-    else:
-        assert res.recv_x_scales is None
-    got_src = np_bits(res.handle.recv_src_idx)
-    assert np.array_equal(got_src[:n], exp["src"]), "recv_src_idx differs"
-    assert (got_src[n:] == -1).all(), "recv_src_idx padding must be -1"
-    if K:
-        gi, gw = np_bits(res.recv_topk_idx), np_bits(res.recv_topk_weights)
-        assert np.array_equal(gi[:n], exp["idx"]), "recv_topk_idx differs"
-        assert np.array_equal(gw[:n], exp["w"]), "recv_topk_weights differ"
-        assert (gi[n:] == -1).all() and not gw[n:].any(), "top-k padding must be -1 / 0"
-    else:
-        assert res.recv_topk_idx is None and res.recv_topk_weights is None
-    assert np.array_equal(np_bits(res.handle.num_recv_per_src), exp["per_src"]), "num_recv_per_src"
-    if worst:
-        assert res.num_recv_tokens_per_expert_list == []
-        assert res.handle.num_worst_tokens == worst
-    else:
-        assert res.handle.num_recv_tokens == n
-        if K:
-            assert res.num_recv_tokens_per_expert_list == exp["per_expert"], (
-                f"per-expert counts {res.num_recv_tokens_per_expert_list} != {exp['per_expert']}"
-            )
-
-
-def dequant(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    if scales is None:
-        return x.float()
-    rows, hidden = x.shape
-    return (x.float().view(rows, hidden // 128, 128) * scales.unsqueeze(2)).view(rows, hidden)
-
-
-def expert_output(x, scales, rank: int) -> torch.Tensor:
-    """y = bf16((rank + 1) * x): each rank's 'expert' output, reproducible at the source."""
-    return (dequant(x, scales) * (rank + 1)).to(torch.bfloat16)
-
-
-def expected_combine(x, scales, in_rank, biases) -> torch.Tensor:
-    acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for r in range(world().size):
-        acc += expert_output(x, scales, r).float() * in_rank[:, r : r + 1].float()
-    for b in biases:
-        acc += b.float()
-    return acc.to(torch.bfloat16)
-
-
 def in_rank_of(topk_idx) -> torch.Tensor:
     """is_token_in_rank [T, R] bool from the routing alone (the oracle), on its device."""
     want = oracle.layout(topk_idx.cpu().numpy(), NUM_EXPERTS, world().size).is_token_in_rank
@@ -294,7 +191,7 @@ def run_case(
     ti, tw = (topk_idx, topk_w) if K else (None, None)
     lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
     res = engine.dispatch(x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
-    y = expert_output(res.recv_x, res.recv_x_scales, world().rank)
+    y = nc.expert_output(res.recv_x, res.recv_x_scales, world().rank)
     bias = ()
     if with_bias:
         gen = torch.Generator().manual_seed(seed * 31 + world().rank)
@@ -314,22 +211,29 @@ def run_case(
     engine.check_errors()
 
     check_layout(lay, topk_idx)
-    ins = world().allgather((np_bits(x), np_bits(scales), np_bits(topk_idx), np_bits(topk_w)))
-    exp = expected_dispatch(ins, K, alignment)
-    check_dispatch(res, exp, K, worst)
+    me, R = world().rank, world().size
+    ins = world().allgather(
+        (nc.np_bits(x), nc.np_bits(scales), nc.np_bits(topk_idx), nc.np_bits(topk_w))
+    )
+    exp = nc.expected_dispatch(ins, me, R, NUM_EXPERTS, K, alignment)
+    nc.check_dispatch(res, exp, K, worst)
     in_rank = in_rank_of(topk_idx)
-    close_bf16(out, expected_combine(x, scales, in_rank, bias), "combined x")
+    want, mag = nc.expected_combine(x, scales, in_rank, bias)
+    nc.close_to_sum(out, want, mag, FP32_ORDER_TOL, "combined x")
     if K:
         want_w = torch.where(topk_idx >= 0, topk_w, torch.zeros_like(topk_w))
         assert torch.equal(out_w, want_w), "combined top-k weights != original weights"
     else:
         assert out_w is None
-    ins2 = world().allgather((np_bits(x2), np_bits(s2), np_bits(topk_idx), np_bits(topk_w)))
-    exp2 = expected_dispatch(ins2, 0, alignment)
+    ins2 = world().allgather(
+        (nc.np_bits(x2), nc.np_bits(s2), nc.np_bits(topk_idx), nc.np_bits(topk_w))
+    )
+    exp2 = nc.expected_dispatch(ins2, me, R, NUM_EXPERTS, 0, alignment)
     n = len(exp2["src"])
-    assert np.array_equal(np_bits(cached.recv_x)[:n], exp2["x"]), "cached recv_x differs"
+    assert np.array_equal(nc.np_bits(cached.recv_x)[:n], exp2["x"]), "cached recv_x differs"
     if s2 is not None:
-        assert np.array_equal(np_bits(cached.recv_x_scales)[:n], exp2["scales"]), "cached scales"
+        got = nc.np_bits(cached.recv_x_scales)[:n]
+        assert np.array_equal(got, exp2["scales"]), "cached scales"
     want = in_rank.sum(1, dtype=torch.float32).unsqueeze(1).expand_as(cnt)
     assert torch.equal(cnt.float(), want), "combine(ones) != ranks per token"
 
@@ -375,7 +279,7 @@ def test_num_sms_and_repeats(setup, num_sms):
         for out, (x, topk_idx) in zip(outs, inputs, strict=True):
             # combine(dispatch(x)) == x * (number of ranks the token went to)
             expect = x.float() * in_rank_of(topk_idx).sum(1, dtype=torch.float32).unsqueeze(1)
-            close_bf16(out, expect.to(torch.bfloat16), "combine(dispatch(x))")
+            nc.close_to_sum(out, expect, expect.abs(), FP32_ORDER_TOL, "combine(dispatch(x))")
 
     setup.run(body)
 
