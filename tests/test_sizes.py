@@ -63,3 +63,19 @@ def test_normal_hint_covers_a_full_receive() -> None:
     row = config.normal_row_bytes(hidden, topk, fp8=False)
     hint = config.get_normal_buffer_size_hint(tokens, hidden, ranks, topk)
     assert hint >= config.CONTROL_BYTES + ranks * tokens * row
+
+
+def test_configs_are_cached_and_read_the_tuned_table_once(tmp_path, monkeypatch) -> None:
+    """Buffer asks for a config on every call: the same object comes back, and the tuned
+    table is read from disk once per path."""
+    import json
+
+    table = tmp_path / "tuned.json"
+    table.write_text(json.dumps({"4": {"dispatch": {"num_sms": 32}}}))
+    monkeypatch.setenv("MPIEP_TUNED_CONFIG", str(table))
+    a = config.default_dispatch_config(4, 24)
+    assert a.num_sms == 32
+    table.unlink()  # a second call must not need the file any more
+    b = config.default_dispatch_config(4, 24)
+    assert a is b
+    assert config.default_dispatch_config(4, 24, use_tuned=False).num_sms == 24

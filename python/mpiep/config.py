@@ -8,6 +8,7 @@ of one dispatch; :func:`get_normal_buffer_size_hint` computes that size.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -193,23 +194,36 @@ _DEFAULT_COMBINE = {2: Config(24, 10, 256), 4: Config(24, 9, 256), 8: Config(24,
 def _tuned_sms(num_ranks: int, kind: str) -> int | None:
     """SM count that ``mpiep tune`` measured best, from the file MPIEP_TUNED_CONFIG names."""
     path = os.environ.get("MPIEP_TUNED_CONFIG")
-    if not path or not os.path.exists(path):
+    if not path:
         return None
-    with open(path) as f:
-        entry = json.load(f).get(str(num_ranks), {}).get(kind)
+    entry = _tuned_table(path).get(str(num_ranks), {}).get(kind)
     return int(entry["num_sms"]) if entry else None
+
+
+@functools.lru_cache(maxsize=8)
+def _tuned_table(path: str) -> dict:
+    """The tuned table, read once per path (calls ask for configs on every dispatch)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(num_sms: int, chunks: tuple[int, int, int, int]) -> Config:
+    return Config(num_sms, *chunks)
 
 
 def default_dispatch_config(num_ranks: int, num_sms: int, use_tuned: bool = True) -> Config:
     base = _DEFAULT_DISPATCH.get(num_ranks, Config(num_sms))
     tuned = _tuned_sms(num_ranks, "dispatch") if use_tuned else None
-    return Config(tuned or num_sms, *_chunks(base))
+    return _config(tuned or num_sms, _chunks(base))
 
 
 def default_combine_config(num_ranks: int, num_sms: int, use_tuned: bool = True) -> Config:
     base = _DEFAULT_COMBINE.get(num_ranks, Config(num_sms))
     tuned = _tuned_sms(num_ranks, "combine") if use_tuned else None
-    return Config(tuned or num_sms, *_chunks(base))
+    return _config(tuned or num_sms, _chunks(base))
 
 
 def _chunks(c: Config) -> tuple[int, int, int, int]:
