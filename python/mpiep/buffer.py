@@ -20,7 +20,7 @@ from mpiep import config as cfg
 from mpiep import faults
 from mpiep import handle_checks as hc
 from mpiep import validate as val
-from mpiep.backends.base import Backend, Layout
+from mpiep.backends.base import Backend, BackendSettings, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
 from mpiep.errors import CapacityError, PeerTimeoutError
@@ -174,17 +174,27 @@ class Buffer:
     def _make_backend(self, choice: str) -> Backend:
         from mpiep.backends.reference import ReferenceBackend
 
+        s = BackendSettings(
+            self.comm,
+            self.device,
+            self.num_nvl_bytes,
+            self.num_rdma_bytes,
+            self.low_latency_mode,
+            self.num_qps_per_rank,
+            self.allow_nvlink_for_low_latency_mode,
+            self.nvshmem_bootstrap,
+        )
         if choice == "reference" or (choice == "auto" and self.device.type != "cuda"):
-            return ReferenceBackend(self.comm, self.device, self.num_nvl_bytes, self.num_rdma_bytes)
+            return ReferenceBackend(s.comm, s.device, s.num_nvl_bytes, s.num_rdma_bytes)
         from mpiep.backends import cuda
 
         reason = cuda.unavailable_reason(self.device)
         if reason is None:
-            return cuda.CudaBackend(self)
+            return cuda.CudaBackend(s)
         if choice == "cuda":
             raise RuntimeError(f"backend='cuda' is not available: {reason}")
         warnings.warn(f"mpiep: using the reference backend: {reason}", stacklevel=3)
-        return ReferenceBackend(self.comm, self.device, self.num_nvl_bytes, self.num_rdma_bytes)
+        return ReferenceBackend(s.comm, s.device, s.num_nvl_bytes, s.num_rdma_bytes)
 
     # -- configuration ----------------------------------------------------------------------
     @staticmethod

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from mpiep.config import Config
 from mpiep.handles import DispatchHandle, LowLatencyHandle
+
+if TYPE_CHECKING:  # type only: importing mpiep.comm starts MPI
+    from mpiep.comm import Communicator
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a backend is built from: the Buffer's constructor arguments that size and place
+    it. ``Buffer`` builds one and passes it down, so backends never import ``Buffer``."""
+
+    comm: Communicator
+    device: torch.device
+    num_nvl_bytes: int
+    num_rdma_bytes: int
+    low_latency_mode: bool = False
+    num_qps_per_rank: int = 24
+    allow_nvlink_for_low_latency_mode: bool = True
+    nvshmem_bootstrap: str | None = None  # "uid", "mpi", "auto" or None (env, then "uid")
 
 
 @dataclass

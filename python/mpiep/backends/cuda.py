@@ -12,17 +12,14 @@ a clear error instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mpiep.backends.base import DispatchResult, Layout, LowLatencyDispatchResult
+from mpiep.backends.base import BackendSettings, DispatchResult, Layout, LowLatencyDispatchResult
 from mpiep.config import Config
 from mpiep.errors import CapacityError
 from mpiep.handles import DispatchHandle, LowLatencyHandle
-
-if TYPE_CHECKING:
-    from mpiep.buffer import Buffer
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -55,24 +52,23 @@ def unavailable_reason(device: torch.device) -> str | None:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         from mpiep.backends.cuda_internode import InternodeEngine
         from mpiep.backends.cuda_intranode import IntranodeEngine
         from mpiep.backends.cuda_low_latency import LowLatencyEngine
 
-        comm, device = buffer.comm, buffer.device
+        s = settings
+        comm, device = s.comm, s.device
         self.comm = comm
         self.device = device
         internode = comm.num_nodes > 1
-        use_normal = buffer.num_nvl_bytes > 0 and (not internode or buffer.num_rdma_bytes > 0)
+        use_normal = s.num_nvl_bytes > 0 and (not internode or s.num_rdma_bytes > 0)
         # Everything this Buffer takes from the NVSHMEM heap, sized at NVSHMEM's first init.
-        heap = buffer.num_rdma_bytes * (
-            int(internode and use_normal) + int(buffer.low_latency_mode)
-        )
+        heap = s.num_rdma_bytes * (int(internode and use_normal) + int(s.low_latency_mode))
         self.normal: Any = None
         self.normal_missing = (
             "normal-mode dispatch needs an NVLink buffer: create the Buffer with num_nvl_bytes > 0"
-            if buffer.num_nvl_bytes <= 0
+            if s.num_nvl_bytes <= 0
             else "normal mode across nodes needs an RDMA buffer too: create the Buffer with "
             "num_rdma_bytes > 0 (mpiep.config.get_internode_rdma_size_hint)"
         )
@@ -80,26 +76,26 @@ class CudaBackend:
             self.normal = InternodeEngine(
                 comm,
                 device,
-                buffer.num_nvl_bytes,
-                buffer.num_rdma_bytes,
+                s.num_nvl_bytes,
+                s.num_rdma_bytes,
                 comm.timeout_s,
-                buffer.num_qps_per_rank,
+                s.num_qps_per_rank,
                 heap_bytes=heap,
-                nvshmem_bootstrap=buffer.nvshmem_bootstrap,
+                nvshmem_bootstrap=s.nvshmem_bootstrap,
             )
         elif use_normal:
-            self.normal = IntranodeEngine(comm, device, buffer.num_nvl_bytes, comm.timeout_s)
+            self.normal = IntranodeEngine(comm, device, s.num_nvl_bytes, comm.timeout_s)
         self.low_latency: Any = None
-        if buffer.low_latency_mode:
+        if s.low_latency_mode:
             self.low_latency = LowLatencyEngine(
                 comm,
                 device,
-                buffer.num_rdma_bytes,
-                buffer.num_qps_per_rank,
-                buffer.allow_nvlink_for_low_latency_mode,
+                s.num_rdma_bytes,
+                s.num_qps_per_rank,
+                s.allow_nvlink_for_low_latency_mode,
                 comm.timeout_s,
                 heap_bytes=heap,
-                nvshmem_bootstrap=buffer.nvshmem_bootstrap,
+                nvshmem_bootstrap=s.nvshmem_bootstrap,
             )
 
     # -- routing -------------------------------------------------------------------------
