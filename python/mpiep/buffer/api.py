@@ -1,16 +1,21 @@
 """``Buffer``: the public entry point, DeepEP's API over an mpi4py communicator.
 
-Every call follows the same path: check arguments locally, agree on them across
-ranks (``Communicator.agree``, so a bad argument fails the call on every rank
-before any rank waits for data), order the work on the communication stream, and
-hand it to the backend (``backends/reference.py`` or ``backends/cuda.py``).
+Every call reads as the same four steps:
+
+1. check the arguments locally (``checks.py``, one function per operation) and, with
+   validation on, agree on them across ranks (``Buffer._checked`` over
+   ``Communicator.agree``), so that a bad argument fails the call on every rank before any
+   rank waits for data;
+2. order the work on the communication stream (``streams.py``);
+3. hand it to the backend (``backends/reference.py`` or ``backends/cuda.py``), in
+   low-latency mode through ``low_latency.py`` (call counts, rank masking);
+4. stamp the handle and return DeepEP's tuple.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,16 +25,25 @@ from mpiep import config as cfg
 from mpiep import faults
 from mpiep import handle_checks as hc
 from mpiep import validate as val
-from mpiep.backends.base import Backend, BackendSettings, Layout
+from mpiep.backends.base import (
+    Backend,
+    BackendSettings,
+    DispatchResult,
+    Layout,
+    LowLatencyDispatchResult,
+)
+from mpiep.buffer import checks, streams
+from mpiep.buffer.checks import Signature
+from mpiep.buffer.low_latency import Hook, LowLatencyCalls
+from mpiep.buffer.startup import BACKENDS, make_backend, pick_device
 from mpiep.comm import Communicator
 from mpiep.config import Config
-from mpiep.errors import CapacityError, PeerTimeoutError
+from mpiep.errors import PeerTimeoutError
 from mpiep.event import EventOverlap
 from mpiep.handles import DispatchHandle, LowLatencyHandle
 from mpiep.hooks import HookTracker
 from mpiep.shrink import Shrink
 
-BF16 = torch.bfloat16
 # Calls that wait on peers (guarded with abort_on_timeout).
 _COLLECTIVE_METHODS = (
     "get_dispatch_layout",
@@ -40,8 +54,35 @@ _COLLECTIVE_METHODS = (
     "clean_low_latency_buffer",
     "destroy",
 )
-FP8 = torch.float8_e4m3fn
-X_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+
+
+# The output tensors of each call, which the stream code keeps alive (module-level
+# functions: a lambda would be built again on every call).
+def _layout_outputs(lay: Layout) -> tuple[torch.Tensor | None, ...]:
+    return (
+        lay.num_tokens_per_rank,
+        lay.num_tokens_per_rdma_rank,
+        lay.num_tokens_per_expert,
+        lay.is_token_in_rank,
+    )
+
+
+def _dispatch_outputs(r: DispatchResult) -> tuple[torch.Tensor | None, ...]:
+    return (r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights)
+
+
+def _combine_outputs(
+    r: tuple[torch.Tensor, torch.Tensor | None],
+) -> tuple[torch.Tensor | None, ...]:
+    return r
+
+
+def _ll_dispatch_outputs(r: LowLatencyDispatchResult) -> tuple[torch.Tensor | None, ...]:
+    return (r.recv_x, r.recv_x_scales, r.recv_count)
+
+
+def _ll_combine_outputs(r: tuple[torch.Tensor, Hook | None]) -> tuple[torch.Tensor | None, ...]:
+    return (r[0],)
 
 
 class Buffer:
@@ -113,7 +154,7 @@ class Buffer:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if num_qps_per_rank <= 0:
             raise ValueError(f"num_qps_per_rank must be positive, got {num_qps_per_rank}")
-        if backend not in ("auto", "cuda", "reference"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto', 'cuda' or 'reference', got {backend!r}")
 
         self.comm = Communicator(
@@ -134,67 +175,40 @@ class Buffer:
         self.allow_mnnvl = allow_mnnvl
         self.explicitly_destroy = explicitly_destroy
         self.nvshmem_bootstrap = nvshmem_bootstrap
-        self.device = self._pick_device(device)
-        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        if self.comm_stream is not None:
-            self._hop_in, self._hop_out = torch.cuda.Event(), torch.cuda.Event()
-        self.backend: Backend = self._make_backend(backend)
+        self.device = pick_device(self.comm, device)
+        self._streams = streams.for_device(self.device)
+        self.comm_stream = self._streams.stream  # None on CPU
+        self.backend: Backend = make_backend(
+            backend,
+            BackendSettings(
+                self.comm,
+                self.device,
+                num_nvl_bytes,
+                num_rdma_bytes,
+                low_latency_mode,
+                num_qps_per_rank,
+                allow_nvlink_for_low_latency_mode,
+                nvshmem_bootstrap,
+            ),
+        )
         if validate is None:
             env = os.environ.get("MPIEP_VALIDATE")
             validate = env == "1" if env is not None else self.backend.name == "reference"
         self.validate = bool(validate)
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
-        self._ll_dispatches = 0
-        self._ll_epoch = 0
         self._hooks = HookTracker()
         self._shrink: Shrink | None = None
         if enable_shrink:
             self._shrink = Shrink(self.comm, self.device, num_nvl_bytes, num_rdma_bytes)
+        self._ll = LowLatencyCalls(
+            self.backend, self._shrink, self._hooks, self._id, self.group_size
+        )
         self._abort = self.comm.abort_on_timeout
         if self._abort:  # also timeouts that backends raise themselves (GPU)
             # With shrink a low-latency timeout is recovered from: only one that escapes aborts.
             self.comm.abort_on_timeout = not enable_shrink
             faults.guard_methods(self, _COLLECTIVE_METHODS, self._timed_out)
-
-    # -- set-up -------------------------------------------------------------------------
-    def _pick_device(self, device: str | torch.device | None) -> torch.device:
-        if device is not None:
-            device = torch.device(device)
-            if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", self.comm.select_device(torch.cuda.device_count()))
-        elif torch.cuda.is_available():
-            device = torch.device("cuda", self.comm.select_device(torch.cuda.device_count()))
-        else:
-            device = torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return device
-
-    def _make_backend(self, choice: str) -> Backend:
-        from mpiep.backends.reference import ReferenceBackend
-
-        s = BackendSettings(
-            self.comm,
-            self.device,
-            self.num_nvl_bytes,
-            self.num_rdma_bytes,
-            self.low_latency_mode,
-            self.num_qps_per_rank,
-            self.allow_nvlink_for_low_latency_mode,
-            self.nvshmem_bootstrap,
-        )
-        if choice == "reference" or (choice == "auto" and self.device.type != "cuda"):
-            return ReferenceBackend(s.comm, s.device, s.num_nvl_bytes, s.num_rdma_bytes)
-        from mpiep.backends import cuda
-
-        reason = cuda.unavailable_reason(self.device)
-        if reason is None:
-            return cuda.CudaBackend(s)
-        if choice == "cuda":
-            raise RuntimeError(f"backend='cuda' is not available: {reason}")
-        warnings.warn(f"mpiep: using the reference backend: {reason}", stacklevel=3)
-        return ReferenceBackend(s.comm, s.device, s.num_nvl_bytes, s.num_rdma_bytes)
 
     # -- configuration ----------------------------------------------------------------------
     @staticmethod
@@ -245,11 +259,15 @@ class Buffer:
 
     # -- the collective argument check ---------------------------------------------------
     def _checked(
-        self, what: str, check: Callable[[], Sequence[Any]], low_latency: bool = False
+        self,
+        what: str,
+        check: Callable[..., Signature],
+        args: tuple[Any, ...],
+        low_latency: bool = False,
     ) -> None:
-        """Run the local ``check`` (returns the call's signature); with validation on,
-        agree on the outcome across ranks so that all ranks fail together (in low-latency
-        mode with ranks masked: across the active ranks)."""
+        """Run the local ``check(*args)`` (a function of ``checks.py``, which returns the
+        call's signature); with validation on, agree on the outcome across ranks so that all
+        ranks fail together (in low-latency mode with ranks masked: across the active ranks)."""
         self._ensure_alive()
         shrink = self._shrink
         comm = self.comm
@@ -259,9 +277,9 @@ class Buffer:
             else:
                 shrink.check_normal_mode()
         error: Exception | None = None
-        signature: Sequence[Any] = ()
+        signature: Signature = ()
         try:
-            signature = check()
+            signature = check(*args)
         except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
         if self.validate:
@@ -289,52 +307,6 @@ class Buffer:
         if self._destroyed:
             raise RuntimeError("this Buffer was destroyed")
 
-    # -- stream handling ----------------------------------------------------------------
-    def _on_comm_stream(
-        self,
-        run: Callable[[], Any],
-        previous_event: EventOverlap | None,
-        async_finish: bool,
-        allocate_on_comm_stream: bool,
-        inputs: Sequence[torch.Tensor | None],
-        outputs: Callable[[Any], Sequence[torch.Tensor | None]],
-    ) -> tuple[Any, EventOverlap]:
-        """Run ``run`` on the communication stream after ``previous_event`` (or the current
-        stream), then either make the current stream wait (sync) or return an event."""
-        if self.comm_stream is None:
-            return run(), EventOverlap(None)
-        if allocate_on_comm_stream and previous_event is None:
-            raise ValueError("allocate_on_comm_stream=True needs previous_event")
-        compute = torch.cuda.current_stream()
-        if previous_event is not None and previous_event.event is not None:
-            self.comm_stream.wait_event(previous_event.event)
-        else:
-            # Reused events for the stream hops: one record and one wait, no new event.
-            self._hop_in.record(compute)
-            self.comm_stream.wait_event(self._hop_in)
-        with torch.cuda.stream(self.comm_stream):
-            result = run()
-        if not async_finish:
-            self._hop_out.record(self.comm_stream)
-            compute.wait_event(self._hop_out)
-            if not allocate_on_comm_stream:
-                for t in outputs(result):
-                    if isinstance(t, torch.Tensor):
-                        t.record_stream(compute)
-            return result, EventOverlap(None)
-        tensors = [t for t in (*inputs, *outputs(result)) if isinstance(t, torch.Tensor)]
-        event = torch.cuda.Event()
-        event.record(self.comm_stream)
-        if async_finish:
-            # The caching allocator must not reuse these before the comm stream is done.
-            for t in tensors:
-                t.record_stream(self.comm_stream)
-            if allocate_on_comm_stream:
-                for t in tensors:
-                    t.record_stream(compute)
-            return result, EventOverlap(event, tuple(tensors))
-        raise AssertionError("unreachable")
-
     # -- normal mode ----------------------------------------------------------------------
     def get_dispatch_layout(
         self,
@@ -350,30 +322,17 @@ class Buffer:
         int32 (None on one node), ``num_tokens_per_expert`` [E] int32,
         ``is_token_in_rank`` [T, R] bool, and an event.
         """
-
-        def check() -> Sequence[Any]:
-            val.check_num_experts(num_experts, self.group_size)
-            val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device)
-            val.check_topk_idx(topk_idx, num_experts, self.validate)
-            return (
-                ("op", "get_dispatch_layout"),
-                ("num_experts", num_experts),
-                ("num_topk", topk_idx.shape[1]),
-            )
-
-        self._checked("get_dispatch_layout", check)
-        layout, event = self._on_comm_stream(
-            lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
+        self._checked(
+            "get_dispatch_layout", checks.get_dispatch_layout, (self, topk_idx, num_experts)
+        )
+        layout, event = self._streams.run(
+            self.backend.get_dispatch_layout,
+            (topk_idx, num_experts),
             previous_event,
             async_finish,
             allocate_on_comm_stream,
-            [topk_idx],
-            lambda lay: [
-                lay.num_tokens_per_rank,
-                lay.num_tokens_per_rdma_rank,
-                lay.num_tokens_per_expert,
-                lay.is_token_in_rank,
-            ],
+            (topk_idx,),
+            _layout_outputs,
         )
         return (
             layout.num_tokens_per_rank,
@@ -419,140 +378,47 @@ class Buffer:
         """
         config = config or self.get_dispatch_config(self.group_size)
         data, scales = val.split_fp8(x)
-        cached = handle is not None
-
-        def check() -> Sequence[Any]:
-            val.check_tensor("x", data, X_DTYPES, 2, self.device)
-            tokens, hidden = data.shape
-            if scales is not None or data.dtype == FP8:
-                if data.dtype != FP8:
-                    raise TypeError(f"FP8 dispatch takes x as float8_e4m3fn, got {data.dtype}")
-                if scales is None:
-                    raise ValueError("FP8 x needs its scales: pass x as (x_e4m3, scales)")
-                if hidden % 128:
-                    raise ValueError(
-                        f"FP8 x needs a hidden size that is a multiple of 128, got {hidden}"
-                    )
-                val.check_tensor(
-                    "x scales", scales, torch.float32, 2, self.device, (tokens, hidden // 128)
-                )
-            if not isinstance(expert_alignment, int) or expert_alignment <= 0:
-                raise ValueError(
-                    f"expert_alignment must be a positive int, got {expert_alignment!r}"
-                )
-            if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
-                raise ValueError(
-                    f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}"
-                )
-            num_topk = None
-            handle_id = None
-            if cached:
-                hc.check_dispatch_handle(handle, self._id, self.group_size)
-                handle_id = f"dispatch #{handle.generation}"
-                if handle.num_tokens != tokens or handle.hidden != hidden:
-                    raise ValueError(
-                        f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
-                        f"[{handle.num_tokens}, {handle.hidden}]"
-                    )
-                if num_worst_tokens not in (0, handle.num_worst_tokens):
-                    raise ValueError(
-                        f"cached dispatch: num_worst_tokens={num_worst_tokens} differs from the "
-                        f"handle's {handle.num_worst_tokens} (a cached dispatch keeps its shapes)"
-                    )
-                num_experts = handle.num_experts
-            else:
-                for name, t in (
-                    ("num_tokens_per_rank", num_tokens_per_rank),
-                    ("is_token_in_rank", is_token_in_rank),
-                    ("num_tokens_per_expert", num_tokens_per_expert),
-                    ("topk_idx", topk_idx),
-                ):
-                    if t is None:
-                        raise ValueError(
-                            f"dispatch without a handle needs {name} (from get_dispatch_layout)"
-                        )
-                val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device, (tokens, None))
-                num_topk = topk_idx.shape[1]
-                if topk_weights is not None:
-                    val.check_tensor(
-                        "topk_weights",
-                        topk_weights,
-                        torch.float32,
-                        2,
-                        self.device,
-                        (tokens, num_topk),
-                    )
-                num_experts = int(num_tokens_per_expert.shape[0])
-                val.check_num_experts(num_experts, self.group_size)
-                val.check_tensor(
-                    "num_tokens_per_rank",
-                    num_tokens_per_rank,
-                    torch.int32,
-                    1,
-                    self.device,
-                    (self.group_size,),
-                )
-                val.check_tensor(
-                    "num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, self.device
-                )
-                if num_tokens_per_rdma_rank is not None:
-                    val.check_tensor(
-                        "num_tokens_per_rdma_rank",
-                        num_tokens_per_rdma_rank,
-                        torch.int32,
-                        1,
-                        self.device,
-                        (self.num_nodes,),
-                    )
-                val.check_tensor(
-                    "is_token_in_rank",
-                    is_token_in_rank,
-                    torch.bool,
-                    2,
-                    self.device,
-                    (tokens, self.group_size),
-                )
-                val.check_topk_idx(topk_idx, num_experts, self.validate)
-            if self.num_nvl_bytes == 0:
-                raise CapacityError(
-                    "normal-mode dispatch needs an NVLink buffer: create the Buffer with "
-                    "num_nvl_bytes > 0"
-                )
-            return (
-                ("op", "dispatch"),
-                ("hidden", hidden),
-                ("x dtype", str(data.dtype)),
-                ("cached", cached),
-                ("num_topk", num_topk),
-                ("with topk_weights", topk_weights is not None),
-                ("num_experts", num_experts),
-                ("expert_alignment", expert_alignment),
-                ("num_worst_tokens", num_worst_tokens),
-                ("config", config),
-                ("handle", handle_id),
-            )
-
-        self._checked("dispatch", check)
-        if not cached:
+        self._checked(
+            "dispatch",
+            checks.dispatch,
+            (
+                self,
+                data,
+                scales,
+                handle,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+            ),
+        )
+        if handle is not None:  # cached: the handle stands for the layout and top-k
+            layout, send_idx, send_weights = None, None, None
+            # The original's shapes, num_worst_tokens padding included.
+            num_experts, worst = handle.num_experts, handle.num_worst_tokens
+        else:
             self._dispatches += 1
-        generation = self._dispatches
-        layout = None
-        if not cached:
             layout = Layout(
                 num_tokens_per_rank,
                 num_tokens_per_rdma_rank,
                 num_tokens_per_expert,
                 is_token_in_rank,
             )
-        num_experts = handle.num_experts if cached else int(num_tokens_per_expert.shape[0])
-        # A cached dispatch repeats the original's shapes, num_worst_tokens padding included.
-        worst = handle.num_worst_tokens if cached else num_worst_tokens
-        result, event = self._on_comm_stream(
-            lambda: self.backend.dispatch(
+            send_idx, send_weights = topk_idx, topk_weights
+            num_experts, worst = int(num_tokens_per_expert.shape[0]), num_worst_tokens
+        generation = self._dispatches
+        result, event = self._streams.run(
+            self.backend.dispatch,
+            (
                 data,
                 scales,
-                None if cached else topk_idx,
-                None if cached else topk_weights,
+                send_idx,
+                send_weights,
                 layout,
                 handle,
                 num_experts,
@@ -563,13 +429,13 @@ class Buffer:
             previous_event,
             async_finish,
             allocate_on_comm_stream,
-            [data, scales, topk_idx, topk_weights, is_token_in_rank],
-            lambda r: [r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights],
+            (data, scales, topk_idx, topk_weights, is_token_in_rank),
+            _dispatch_outputs,
         )
         recv_x = (result.recv_x, result.recv_x_scales) if scales is not None else result.recv_x
-        if result.handle.owner == 0:
+        if result.handle.owner == 0:  # a new handle: stamp it with this Buffer and call
             result.handle.owner, result.handle.generation = self._id, generation
-        if cached:
+        if handle is not None:
             return recv_x, None, None, None, result.handle, event
         return (
             recv_x,
@@ -603,62 +469,19 @@ class Buffer:
             biases = (bias,)
         elif bias is not None:
             biases = tuple(b for b in bias if b is not None)
-
-        def check() -> Sequence[Any]:
-            hc.check_dispatch_handle(handle, self._id, self.group_size)
-            rows = handle.num_output_rows
-            val.check_tensor("x", x, BF16, 2, self.device, (rows, handle.hidden))
-            if topk_weights is not None:
-                val.check_tensor(
-                    "topk_weights", topk_weights, torch.float32, 2, self.device, (rows, None)
-                )
-            for i, b in enumerate(biases):
-                val.check_tensor(
-                    f"bias[{i}]", b, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
-                )
-            return (
-                ("op", "combine"),
-                ("hidden", handle.hidden),
-                ("with topk_weights", topk_weights is not None),
-                ("num_topk", None if topk_weights is None else topk_weights.shape[1]),
-                ("num_bias", len(biases)),
-                ("config", config),
-                ("handle", f"dispatch #{handle.generation}"),
-            )
-
-        self._checked("combine", check)
-        (combined, weights), event = self._on_comm_stream(
-            lambda: self.backend.combine(x, handle, topk_weights, biases, config),
+        self._checked("combine", checks.combine, (self, x, handle, topk_weights, biases, config))
+        (combined, weights), event = self._streams.run(
+            self.backend.combine,
+            (x, handle, topk_weights, biases, config),
             previous_event,
             async_finish,
             allocate_on_comm_stream,
-            [x, topk_weights, *biases],
-            lambda r: list(r),
+            (x, topk_weights, *biases),
+            _combine_outputs,
         )
         return combined, weights, event
 
     # -- low-latency mode -----------------------------------------------------------------
-    def _check_low_latency(self, max_tokens: int, hidden: int, num_experts: int) -> None:
-        if not self.low_latency_mode:
-            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
-        if hidden % 128:
-            raise ValueError(
-                f"low-latency mode needs a hidden size that is a multiple of 128, got {hidden}"
-            )
-        key = (max_tokens, hidden, num_experts)
-        if key in self._ll_fits:  # decode repeats one shape: check its size once
-            return
-        need = cfg.get_low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
-        if need <= self.num_rdma_bytes:
-            self._ll_fits.add(key)
-        else:
-            raise CapacityError(
-                f"num_max_dispatch_tokens_per_rank={max_tokens}, hidden={hidden}, "
-                f"num_experts={num_experts} "
-                f"need num_rdma_bytes >= {need} (Buffer.get_low_latency_rdma_size_hint), "
-                f"but the Buffer has {self.num_rdma_bytes}"
-            )
-
     def low_latency_dispatch(
         self,
         x: torch.Tensor,
@@ -682,57 +505,26 @@ class Buffer:
         sends; ``hook()`` completes the receive.
         """
         max_tokens = num_max_dispatch_tokens_per_rank
-
-        def check() -> Sequence[Any]:
-            val.check_tensor("x", x, BF16, 2, self.device)
-            tokens, hidden = x.shape
-            val.check_tensor("topk_idx", topk_idx, torch.int64, 2, self.device, (tokens, None))
-            val.check_num_experts(num_experts, self.group_size)
-            if not isinstance(max_tokens, int) or max_tokens <= 0:
-                raise ValueError(
-                    f"num_max_dispatch_tokens_per_rank must be a positive int, got {max_tokens!r}"
-                )
-            if tokens > max_tokens:
-                raise CapacityError(
-                    f"x has {tokens} tokens, more than "
-                    f"num_max_dispatch_tokens_per_rank={max_tokens}"
-                )
-            if use_ue8m0 and not use_fp8:
-                raise ValueError("use_ue8m0 needs use_fp8=True")
-            if cumulative_local_expert_recv_stats is not None:
-                val.check_tensor(
-                    "cumulative_local_expert_recv_stats",
-                    cumulative_local_expert_recv_stats,
-                    torch.int32,
-                    1,
-                    self.device,
-                    (num_experts // self.group_size,),
-                )
-            self._check_low_latency(max_tokens, hidden, num_experts)
-            val.check_topk_idx(topk_idx, num_experts, self.validate)
-            if self.validate:
-                val.check_pairs_per_expert(topk_idx, num_experts, max_tokens)
-            self._hooks.check_free("dispatch")
-            return (
-                ("op", "low_latency_dispatch"),
-                ("hidden", hidden),
-                ("num_topk", topk_idx.shape[1]),
-                ("num_max_dispatch_tokens_per_rank", max_tokens),
-                ("num_experts", num_experts),
-                ("use_fp8", use_fp8),
-                ("round_scale", round_scale),
-                ("use_ue8m0", use_ue8m0),
-                ("return_recv_hook", return_recv_hook),
-            )
-
-        self._checked("low_latency_dispatch", check, low_latency=True)
+        stats = cumulative_local_expert_recv_stats
+        self._checked(
+            "low_latency_dispatch",
+            checks.low_latency_dispatch,
+            (
+                self,
+                x,
+                topk_idx,
+                max_tokens,
+                num_experts,
+                stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                return_recv_hook,
+            ),
+            low_latency=True,
+        )
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
-        epoch = 0 if self._shrink is None else self._shrink.mask.epoch
-        if epoch != self._ll_epoch:  # ranks masked out meanwhile missed calls: count afresh
-            self._ll_epoch, self._ll_dispatches = epoch, 0
-        self._ll_dispatches += 1
-        generation = self._ll_dispatches
         args = (
             x,
             topk_idx,
@@ -741,31 +533,21 @@ class Buffer:
             use_fp8,
             round_scale,
             use_ue8m0,
-            cumulative_local_expert_recv_stats,
+            stats,
             return_recv_hook,
         )
-        shrink = self._shrink
-        result, event = self._ll_stream(
-            lambda: (
-                self.backend.low_latency_dispatch(*args)
-                if shrink is None
-                else shrink.dispatch(self.backend, *args)
-            ),
-            async_finish,
-            return_recv_hook,
-            [x, topk_idx],
-            lambda r: [r.recv_x, r.recv_x_scales, r.recv_count],
-        )
+        ll = self._ll
+        if async_finish:  # on the comm stream, with an event
+            result, event = self._streams.run(
+                ll.dispatch, args, None, True, False, (x, topk_idx), _ll_dispatch_outputs
+            )
+        else:  # on the current stream, as in DeepEP: CUDA-graph capturable, an empty event
+            result, event = ll.dispatch(*args), EventOverlap(None)
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
-        handle = result.handle
-        handle.owner, handle.generation, handle.num_ranks = self._id, generation, self.group_size
-        handle.mask_epoch = epoch
-        hc.record_dispatched_topk(handle, topk_idx, copy=self.validate)
-        hook = result.hook
-        handle.ticket = self._hooks.issue("dispatch", hook is not None)
+        hook = ll.after_dispatch(result, topk_idx, self.validate)
         if hook is not None:
-            hook = self._guard_hook(self._hooks.wrap(handle.ticket, hook))
-        return recv_x, result.recv_count, handle, event, hook
+            hook = self._guard_hook(hook)
+        return recv_x, result.recv_count, result.handle, event, hook
 
     def low_latency_combine(
         self,
@@ -787,93 +569,46 @@ class Buffer:
         data was written into :meth:`get_next_low_latency_combine_buffer`). Returns
         ``(combined_x [T, H] bf16, event, hook)``.
         """
-
-        def check() -> Sequence[Any]:
-            hc.check_low_latency_handle(handle, self._id, self.group_size)
-            hc.check_received(handle)
-            if self._shrink is not None:
-                self._shrink.check_combinable(handle)
-            if use_logfmt:
-                raise ValueError("use_logfmt is not supported yet")
-            e_local = handle.num_experts // self.group_size
-            rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
-            if not zero_copy:
-                val.check_tensor("x", x, BF16, 3, self.device, (e_local, rows, handle.hidden))
-            val.check_tensor(
-                "topk_idx", topk_idx, torch.int64, 2, self.device, (handle.num_tokens, None)
-            )
-            val.check_tensor(
-                "topk_weights", topk_weights, torch.float32, 2, self.device, tuple(topk_idx.shape)
-            )
-            hc.check_dispatched_topk(handle, topk_idx)
-            if out is not None:
-                val.check_tensor(
-                    "out", out, BF16, 2, self.device, (handle.num_tokens, handle.hidden)
-                )
-            self._check_low_latency(
-                handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-            )
-            self._hooks.check_free("combine")
-            return (
-                ("op", "low_latency_combine"),
-                ("hidden", handle.hidden),
-                ("num_topk", topk_idx.shape[1]),
-                ("zero_copy", zero_copy),
-                ("return_recv_hook", return_recv_hook),
-                ("handle", f"low_latency_dispatch #{handle.generation}.{handle.mask_epoch}"),
-            )
-
-        self._checked("low_latency_combine", check, low_latency=True)
+        self._checked(
+            "low_latency_combine",
+            checks.low_latency_combine,
+            (self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, return_recv_hook, out),
+            low_latency=True,
+        )
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
         args = (x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook)
-        shrink = self._shrink
-        (combined, hook), event = self._ll_stream(
-            lambda: (
-                self.backend.low_latency_combine(*args)
-                if shrink is None
-                else shrink.combine(self.backend, *args)
-            ),
-            async_finish,
-            return_recv_hook,
-            [x, topk_idx, topk_weights],
-            lambda r: [r[0]],
-        )
-        ticket = self._hooks.issue("combine", hook is not None)
-        if ticket is not None and hook is not None:
-            hook = self._guard_hook(self._hooks.wrap(ticket, hook))
+        ll = self._ll
+        if async_finish:  # on the comm stream, with an event
+            (combined, hook), event = self._streams.run(
+                ll.combine,
+                args,
+                None,
+                True,
+                False,
+                (x, topk_idx, topk_weights),
+                _ll_combine_outputs,
+            )
+        else:  # on the current stream, as in DeepEP: CUDA-graph capturable, an empty event
+            (combined, hook), event = ll.combine(*args), EventOverlap(None)
+        hook = ll.after_combine(hook)
+        if hook is not None:
+            hook = self._guard_hook(hook)
         return combined, event, hook
-
-    def _ll_stream(self, run, async_finish, return_recv_hook, inputs, outputs):  # type: ignore[no-untyped-def]
-        """Low-latency calls run on the current stream unless async (as in DeepEP), so that
-        they can be captured in a CUDA graph together with the surrounding compute."""
-        if self.comm_stream is None or not async_finish:
-            # Synchronous: the work is on the current stream already; as in DeepEP, the
-            # event is empty (recording one per call cost more than the launch itself).
-            return run(), EventOverlap(None)
-        return self._on_comm_stream(run, None, True, False, inputs, outputs)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The bf16 [E_local, R * max_tokens, H] buffer that ``zero_copy`` combine reads."""
         self._ensure_alive()
         hc.check_low_latency_handle(handle, self._id, self.group_size)
-        if self._shrink is not None and self._shrink.mask.engaged:
-            return self._shrink.combine_buffer(handle)
-        return self.backend.get_next_low_latency_combine_buffer(handle)
+        return self._ll.combine_buffer(handle)
 
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
         """Reset the low-latency buffers (collective)."""
         self._ensure_alive()
-        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        if self._shrink is not None:
-            self._shrink.control(self.comm)
-            self._shrink.clean(self.backend, *args)
-        else:
-            self.backend.clean_low_latency_buffer(*args)
-        self._hooks.clean()
+        checks.low_latency_capacity(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._ll.clean(self.comm, num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     # -- rank masking (enable_shrink) ---------------------------------------------------
     def _shrink_or_raise(self) -> Shrink:

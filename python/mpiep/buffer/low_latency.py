@@ -1,0 +1,119 @@
+"""What a ``Buffer`` keeps across low-latency calls, and where those calls go.
+
+* Call counts: each dispatch's generation, the same on every rank since the calls are
+  collective; counted afresh after ranks were masked (they missed calls meanwhile).
+* Handle stamps: which Buffer, which dispatch, how many ranks, which mask epoch; the
+  checks of ``low_latency_combine`` read them (``mpiep.handle_checks``).
+* Receive-hook tickets (``mpiep.hooks.HookTracker``): the GPU engine's double-buffering
+  rules, kept the same way for every backend.
+* Routing: to the backend, or through the rank mask (``mpiep.shrink``) with
+  ``enable_shrink``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mpiep import handle_checks as hc
+from mpiep.backends.base import Backend, LowLatencyDispatchResult
+from mpiep.comm import Communicator
+from mpiep.handles import LowLatencyHandle
+from mpiep.hooks import HookTracker
+from mpiep.shrink import Shrink
+
+Hook = Callable[[], None]
+
+
+class LowLatencyCalls:
+    """The low-latency state of one Buffer. It holds no reference to the Buffer (a cycle
+    would delay ``Buffer.__del__``, which frees communicators)."""
+
+    __slots__ = ("backend", "buffer_id", "dispatches", "epoch", "hooks", "num_ranks", "shrink")
+
+    def __init__(
+        self,
+        backend: Backend,
+        shrink: Shrink | None,
+        hooks: HookTracker,
+        buffer_id: int,
+        num_ranks: int,
+    ) -> None:
+        self.backend = backend
+        self.shrink = shrink
+        self.hooks = hooks
+        self.buffer_id = buffer_id
+        self.num_ranks = num_ranks
+        self.dispatches = 0  # low-latency dispatch calls in this mask epoch
+        self.epoch = 0  # the rank mask's epoch those calls ran in
+
+    # -- dispatch -----------------------------------------------------------------------
+    def dispatch(self, *args: Any) -> LowLatencyDispatchResult:
+        """Count the call, send it (``Backend.low_latency_dispatch``'s arguments) and stamp
+        its handle. Runs on whichever stream the Buffer picked."""
+        shrink = self.shrink
+        epoch = 0 if shrink is None else shrink.mask.epoch
+        if epoch != self.epoch:  # ranks masked out meanwhile missed calls: count afresh
+            self.epoch, self.dispatches = epoch, 0
+        self.dispatches += 1
+        generation = self.dispatches
+        if shrink is None:
+            result = self.backend.low_latency_dispatch(*args)
+        else:
+            result = shrink.dispatch(self.backend, *args)
+        handle = result.handle
+        handle.owner, handle.generation, handle.num_ranks = (
+            self.buffer_id,
+            generation,
+            self.num_ranks,
+        )
+        handle.mask_epoch = epoch
+        return result
+
+    def after_dispatch(
+        self, result: LowLatencyDispatchResult, topk_idx: torch.Tensor, keep_topk_copy: bool
+    ) -> Hook | None:
+        """Record the dispatched ``topk_idx`` (combine checks it; a copy with validation) and
+        take the hook slot; returns the hook the caller gets (runs once, not after a clean)."""
+        handle = result.handle
+        hc.record_dispatched_topk(handle, topk_idx, copy=keep_topk_copy)
+        hook = result.hook
+        ticket = handle.ticket = self.hooks.issue("dispatch", hook is not None)
+        if hook is not None and ticket is not None:
+            return self.hooks.wrap(ticket, hook)
+        return None
+
+    # -- combine ------------------------------------------------------------------------
+    def combine(self, *args: Any) -> tuple[torch.Tensor, Hook | None]:
+        """Send ``Backend.low_latency_combine``'s arguments to the backend or the mask."""
+        shrink = self.shrink
+        if shrink is None:
+            return self.backend.low_latency_combine(*args)
+        return shrink.combine(self.backend, *args)
+
+    def after_combine(self, hook: Hook | None) -> Hook | None:
+        """Take the combine hook slot; returns the hook the caller gets."""
+        ticket = self.hooks.issue("combine", hook is not None)
+        if ticket is not None and hook is not None:
+            return self.hooks.wrap(ticket, hook)
+        return hook
+
+    def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The buffer that ``zero_copy`` combine reads (a full-size one while masked)."""
+        shrink = self.shrink
+        if shrink is not None and shrink.mask.engaged:
+            return shrink.combine_buffer(handle)
+        return self.backend.get_next_low_latency_combine_buffer(handle)
+
+    # -- reset --------------------------------------------------------------------------
+    def clean(self, comm: Communicator, max_tokens: int, hidden: int, num_experts: int) -> None:
+        """Reset the buffers (collective over the active ranks) and void every hook."""
+        shrink = self.shrink
+        if shrink is not None:
+            shrink.control(comm)  # raises on a rank masked out
+            shrink.clean(self.backend, max_tokens, hidden, num_experts)
+        else:
+            self.backend.clean_low_latency_buffer(max_tokens, hidden, num_experts)
+        self.hooks.clean()
