@@ -1,0 +1,7 @@
+"""``python -m mpiep.doctor``."""
+
+import sys
+
+from mpiep.doctor.cli import main
+
+sys.exit(main())
