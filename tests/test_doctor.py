@@ -153,11 +153,41 @@ def test_environment_checks() -> None:
     assert any("share SL 1" in m for m in _messages(shared))
 
 
+@pytest.mark.parametrize("loads", [True, False])
+def test_nvshmem_bootstrap_probe(monkeypatch: pytest.MonkeyPatch, loads: bool) -> None:
+    """Which bootstrap works: 'uid' always, 'mpi' where NVSHMEM's MPI plugin loads."""
+    from mpiep.backends import nvshmem_boot
+
+    detail = (
+        "/x/lib/nvshmem_bootstrap_mpi.so.3" if loads else "nvshmem_bootstrap_mpi.so.3 not found"
+    )
+    monkeypatch.setattr(nvshmem_boot, "mpi_plugin_loads", lambda: (loads, detail))
+    report = doctor.Report()
+    doctor.probe_nvshmem_bootstrap(report, {})
+    data = json.loads(doctor.to_json(report))["nvshmem"]["bootstrap"]
+    assert data["uid"]["available"] is True
+    assert data["mpi"] == {"available": loads, "detail": detail}
+    assert data["requested"] == "uid"
+    [finding] = report.findings
+    assert (finding.level, finding.topic) == ("info", "nvshmem")
+    assert "'uid' (unique id over MPI) always" in finding.message
+    state = "available" if loads else "unavailable"
+    assert f"'mpi' (NVSHMEM's MPI plugin, no extra sockets) {state}: {detail}" in finding.message
+    advice = "set MPIEP_NVSHMEM_BOOTSTRAP=mpi or Buffer(nvshmem_bootstrap='mpi')"
+    assert (advice in finding.message) == loads
+    # Asking for the plugin where it does not load (or for no known bootstrap) is a fix.
+    for value, fix in (("mpi", not loads), ("auto", False), ("bogus", True)):
+        report = doctor.Report()
+        doctor.probe_nvshmem_bootstrap(report, {"MPIEP_NVSHMEM_BOOTSTRAP": value})
+        assert [f.level for f in report.findings] == ["info"] + ["fix"] * fix, value
+
+
 def test_report_on_this_machine() -> None:
     report = doctor.collect()
     text = doctor.format_text(report)
     for heading in ("mpiep doctor on", "GPUs:", "NVSHMEM:", "RDMA devices:", "MPI:", "Launcher:"):
         assert heading in text
+    assert "NVSHMEM bootstrap: 'uid'" in text
     assert "NVSHMEM_DISABLE_NVLS=1" in text  # the environment a job would get
     assert report.findings, "a node always gets some advice"
     if report.gpus["count"] == 0:
@@ -176,6 +206,8 @@ def test_cli_json_and_text_exit_zero() -> None:
     job = {v["name"]: v["value"] for v in data["job_env"]}
     assert job["NVSHMEM_IB_SL"] == "2" and job["MPIEP_MODE"] == "low-latency"
     assert data["mpi"].get("mpi4py"), data["mpi"]
+    assert data["nvshmem"]["bootstrap"]["uid"]["available"] is True
+    assert isinstance(data["nvshmem"]["bootstrap"]["mpi"]["available"], bool)
     text = subprocess.run(
         [sys.executable, "-m", "mpiep.doctor"],
         capture_output=True, text=True, timeout=180, env=clean_env(),

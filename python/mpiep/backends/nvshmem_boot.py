@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import TYPE_CHECKING
 
-from mpiep.comm import Communicator
+if TYPE_CHECKING:  # type only: mpiep.comm starts MPI, and `mpiep doctor` imports this module
+    from mpiep.comm import Communicator
 
 BOOTSTRAPS = ("uid", "mpi", "auto")
 

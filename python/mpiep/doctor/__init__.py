@@ -18,7 +18,7 @@ from mpiep.doctor.probes.gpu import parse_topo_matrix, probe_gpus
 from mpiep.doctor.probes.host import probe_host
 from mpiep.doctor.probes.launcher import probe_launcher
 from mpiep.doctor.probes.mpi import probe_mpi
-from mpiep.doctor.probes.nvshmem import probe_nvshmem
+from mpiep.doctor.probes.nvshmem import probe_nvshmem, probe_nvshmem_bootstrap
 from mpiep.doctor.probes.rdma import probe_rdma
 from mpiep.doctor.render import format_text
 from mpiep.doctor.report import Finding, Report, to_json
@@ -37,6 +37,7 @@ __all__ = [
     "probe_launcher",
     "probe_mpi",
     "probe_nvshmem",
+    "probe_nvshmem_bootstrap",
     "probe_rdma",
     "register",
     "run",

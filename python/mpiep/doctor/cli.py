@@ -12,7 +12,7 @@ from mpiep.doctor.probes.gpu import probe_gpus
 from mpiep.doctor.probes.host import probe_host
 from mpiep.doctor.probes.launcher import probe_launcher
 from mpiep.doctor.probes.mpi import probe_mpi
-from mpiep.doctor.probes.nvshmem import probe_nvshmem
+from mpiep.doctor.probes.nvshmem import probe_nvshmem, probe_nvshmem_bootstrap
 from mpiep.doctor.probes.rdma import probe_rdma
 from mpiep.doctor.render import format_text
 from mpiep.doctor.report import Report, to_json
@@ -33,6 +33,7 @@ def collect(
     probe_host(report)
     probe_gpus(report, sys_root)
     probe_nvshmem(report)
+    probe_nvshmem_bootstrap(report, env)
     probe_rdma(report, sys_root)
     probe_mpi(report)
     probe_launcher(report, env)

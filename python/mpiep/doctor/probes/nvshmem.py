@@ -8,6 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from mpiep.backends import nvshmem_boot
 from mpiep.doctor.probes.child import python_json
 from mpiep.doctor.report import Report
 
@@ -86,3 +87,38 @@ def probe_nvshmem(report: Report) -> None:
                 f"{name} does not load ({state}): internode transport needs "
                 "rdma-core (libibverbs, libmlx5) on the node",
             )
+
+
+def probe_nvshmem_bootstrap(report: Report, env: dict[str, str]) -> None:
+    """Which NVSHMEM bootstrap a Buffer can use here: the unique id broadcast over MPI
+    always; NVSHMEM's MPI plugin where it loads against this MPI (Open MPI only)."""
+    # In this process: the plugin only links libmpi (no MPI_Init), as in Buffer's own check.
+    ok, detail = nvshmem_boot.mpi_plugin_loads()
+    requested = env.get("MPIEP_NVSHMEM_BOOTSTRAP", "uid")
+    report.nvshmem["bootstrap"] = {
+        "uid": {"available": True, "detail": "unique id broadcast over MPI"},
+        "mpi": {"available": ok, "detail": detail},
+        "requested": requested,
+    }
+    mpi = "available" if ok else "unavailable"
+    message = (
+        "NVSHMEM bootstrap: 'uid' (unique id over MPI) always; 'mpi' (NVSHMEM's MPI plugin, "
+        f"no extra sockets) {mpi}: {detail}"
+    )
+    if ok:
+        message += "; set MPIEP_NVSHMEM_BOOTSTRAP=mpi or Buffer(nvshmem_bootstrap='mpi')"
+    report.add("info", "nvshmem", message)
+    if requested not in nvshmem_boot.BOOTSTRAPS:
+        report.add(
+            "fix",
+            "nvshmem",
+            f"MPIEP_NVSHMEM_BOOTSTRAP={requested} is not one of {nvshmem_boot.BOOTSTRAPS}: "
+            "GPU Buffers will not start",
+        )
+    elif requested == "mpi" and not ok:
+        report.add(
+            "fix",
+            "nvshmem",
+            "MPIEP_NVSHMEM_BOOTSTRAP=mpi but NVSHMEM's MPI plugin is unavailable: GPU Buffers "
+            "will not start; use 'uid' or 'auto'",
+        )
