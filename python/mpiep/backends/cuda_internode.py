@@ -24,20 +24,19 @@ import os
 import torch
 
 from mpiep.backends import native
-from mpiep.backends.base import DispatchResult, Layout
+from mpiep.backends.base import Layout
+from mpiep.backends.native_normal import NativeNormalEngine
 from mpiep.backends.nvshmem_boot import init_nvshmem
 from mpiep.comm import Communicator
-from mpiep.config import Config
-from mpiep.handles import DispatchHandle
-
-# Index of the count matrix in a handle's state (src/ops/internode_ops.cpp: State).
-COUNTS = 3
 
 
-class InternodeEngine:
+class InternodeEngine(NativeNormalEngine):
     """Normal-mode dispatch/combine for ranks on several (possibly virtual) nodes."""
 
     name = "cuda-internode"
+    kind = "internode"
+    needs_node_counts = True
+    counts_index = 3  # state: send_slot, node_slot, node_token, counts, tables, fwd_pos
 
     def __init__(
         self,
@@ -155,108 +154,27 @@ class InternodeEngine:
             r, p = bad[0]
             raise ValueError(f"internode normal mode cannot start (rank {r}): {'; '.join(p)}")
 
-    # -- helpers -----------------------------------------------------------------------
-    def _runtime_address(self) -> int:
-        if self._rt is None:
-            raise RuntimeError("InternodeEngine used after destroy()")
-        return self._address
-
-    def _state_of(self, handle: DispatchHandle) -> dict:
-        state = handle.backend_state
-        if state.get("engine") != id(self) or "state" not in state:
-            raise ValueError("handle: not produced by this Buffer's internode dispatch")
-        return state
-
-    # -- layout ------------------------------------------------------------------------
+    # -- the native entries ------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        self._runtime_address()  # raises after destroy()
         return Layout(*self._ops.layout(topk_idx, num_experts, self.num_ranks, self.local_ranks))
 
-    # -- dispatch ----------------------------------------------------------------------
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: torch.Tensor | None,
-        topk_idx: torch.Tensor | None,
-        topk_weights: torch.Tensor | None,
-        layout: Layout | None,
-        handle: DispatchHandle | None,
-        num_experts: int,
-        expert_alignment: int,
-        num_worst_tokens: int,
-        config: Config,
-    ) -> DispatchResult:
-        """One native call: notify, the host wait for the receive size (skipped with
-        num_worst_tokens and in cached mode), output allocation and the data kernel."""
-        address = self._runtime_address()
-        chunk = int(config.num_max_rdma_chunked_send_tokens)
-        if handle is not None:
-            st = self._state_of(handle)
-            out = self._ops.internode_dispatch(
-                address, x, x_scales, None, None, None, None, None, None, st["state"],
-                st["host_counts"], handle.num_output_rows, handle.num_experts, expert_alignment,
-                handle.num_worst_tokens, config.num_sms, chunk,
-            )  # fmt: skip
-            return DispatchResult(out[0], out[1], None, None, [], handle)
-        if layout is None or layout.num_tokens_per_rdma_rank is None:
-            if topk_idx is None:
-                raise ValueError("dispatch: needs a layout or topk_idx (or a handle)")
-            layout = self.get_dispatch_layout(topk_idx, num_experts)
-        out = self._ops.internode_dispatch(
-            address, x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
-            layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
-            layout.is_token_in_rank, [], [], 0, num_experts, expert_alignment, num_worst_tokens,
-            config.num_sms, chunk,
+    def _native_dispatch(
+        self, address, x, x_scales, topk_idx, topk_weights, layout, state, host_counts,
+        cached_rows, num_experts, expert_alignment, num_worst_tokens, config,
+    ):  # type: ignore[no-untyped-def]  # fmt: skip
+        lay = (None, None, None, None) if layout is None else (
+            layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank,
+            layout.num_tokens_per_expert, layout.is_token_in_rank,
         )  # fmt: skip
-        recv_x, recv_scales, recv_idx, recv_w, recv_src, num_recv, experts, state, host = out
-        handle = DispatchHandle(
-            num_ranks=self.num_ranks,
-            num_experts=num_experts,
-            hidden=int(x.shape[1]),
-            is_token_in_rank=layout.is_token_in_rank,
-            num_tokens_per_rank=layout.num_tokens_per_rank,
-            num_recv_per_src=state[COUNTS][:, self.rank],  # a view: rows from each source
-            recv_src_idx=recv_src,
-            # With num_worst_tokens the real count stays on the GPU (no host wait): -1.
-            num_recv_tokens=num_recv,
-            num_recv_tokens_per_expert_list=experts,
-            num_worst_tokens=num_worst_tokens,
-            backend_state={"engine": id(self), "state": state, "host_counts": host},
-        )
-        return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, experts, handle)
+        return self._ops.internode_dispatch(
+            address, x, x_scales, topk_idx, topk_weights, *lay, state, host_counts, cached_rows,
+            num_experts, expert_alignment, num_worst_tokens, config.num_sms,
+            int(config.num_max_rdma_chunked_send_tokens),
+        )  # fmt: skip
 
-    # -- combine -----------------------------------------------------------------------
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: DispatchHandle,
-        topk_weights: torch.Tensor | None,
-        bias: tuple[torch.Tensor, ...],
-        config: Config,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        address = self._runtime_address()
-        st = self._state_of(handle)
-        if len(bias) > 2:
-            raise ValueError(f"combine: at most two bias tensors, got {len(bias)}")
-        b0, b1 = (*bias, None, None)[:2]
+    def _native_combine(self, address, x, handle, topk_weights, st, b0, b1, config):  # type: ignore[no-untyped-def]
         return self._ops.internode_combine(
             address, x, topk_weights, st["state"], st["host_counts"], b0, b1,
             handle.num_tokens, config.num_sms, int(config.num_max_rdma_chunked_send_tokens),
         )  # fmt: skip
-
-    # -- errors and teardown -------------------------------------------------------------
-    def check_errors(self) -> None:
-        """Raise if a kernel reported a timeout or overflow (else seen at the next call)."""
-        if self._rt is not None:
-            self._rt.check_error()
-
-    def destroy(self) -> None:
-        """Collective: frees the NVLink buffer and the symmetric area on every rank."""
-        if self._rt is None:
-            return
-        rt, self._rt = self._rt, None
-        self._address = 0
-        torch.cuda.synchronize(self.device)
-        self.comm.barrier("internode: destroy (kernels finished)")
-        rt.close_peers()
-        self.comm.barrier("internode: destroy (peers unmapped)")
-        rt.destroy()

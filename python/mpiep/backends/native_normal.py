@@ -1,0 +1,163 @@
+"""What the two GPU normal-mode engines share: the Python side of one native call per
+operation (``mpiep._ops``), the handle they build, and their teardown.
+
+``IntranodeEngine`` and ``InternodeEngine`` set up their runtimes and say which native
+entries to call (``_native_dispatch``/``_native_combine``); everything else is here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mpiep.backends.base import DispatchResult, Layout
+from mpiep.comm import Communicator
+from mpiep.config import Config
+from mpiep.handles import DispatchHandle
+
+
+class NativeNormalEngine:
+    """Base of the normal-mode engines over a runtime of ``mpiep._C``."""
+
+    kind: str  # "intranode" or "internode", for messages
+    needs_node_counts = False  # the layout must carry num_tokens_per_rdma_rank
+    counts_index: int  # the count matrix's place in a handle's state (rows s sent to r)
+    comm: Communicator
+    device: torch.device
+    rank: int
+    num_ranks: int
+    _rt: Any
+    _address: int
+    _ops: Any
+
+    # -- what each engine provides ----------------------------------------------------------
+    def _native_dispatch(
+        self,
+        address: int,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        layout: Layout | None,
+        state: list[torch.Tensor],
+        host_counts: list[int],
+        cached_rows: int,
+        num_experts: int,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config: Config,
+    ) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _native_combine(
+        self,
+        address: int,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        state: dict,
+        bias0: torch.Tensor | None,
+        bias1: torch.Tensor | None,
+        config: Config,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------
+    def _runtime_address(self) -> int:
+        if self._rt is None:
+            raise RuntimeError(f"the {self.kind} engine was used after destroy()")
+        return self._address
+
+    def _state_of(self, handle: DispatchHandle) -> dict:
+        state = handle.backend_state
+        if state.get("engine") != id(self) or "state" not in state:
+            raise ValueError(f"handle: not produced by this Buffer's {self.kind} dispatch")
+        return state
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        layout: Layout | None,
+        handle: DispatchHandle | None,
+        num_experts: int,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config: Config,
+    ) -> DispatchResult:
+        """One native call: notify, the host wait for the receive size (skipped with
+        num_worst_tokens and in cached mode), output allocation and the data kernel."""
+        address = self._runtime_address()
+        if handle is not None:  # cached: the handle's routes, no notify
+            st = self._state_of(handle)
+            out = self._native_dispatch(
+                address, x, x_scales, None, None, None, st["state"], st["host_counts"],
+                handle.num_output_rows, handle.num_experts, expert_alignment,
+                handle.num_worst_tokens, config,
+            )  # fmt: skip
+            return DispatchResult(out[0], out[1], None, None, [], handle)
+        if layout is None or (self.needs_node_counts and layout.num_tokens_per_rdma_rank is None):
+            if topk_idx is None:
+                raise ValueError("dispatch: needs a layout or topk_idx (or a handle)")
+            layout = self.get_dispatch_layout(topk_idx, num_experts)
+        out = self._native_dispatch(
+            address, x, x_scales, topk_idx, topk_weights, layout, [], [], 0, num_experts,
+            expert_alignment, num_worst_tokens, config,
+        )  # fmt: skip
+        recv_x, recv_scales, recv_idx, recv_w, recv_src, num_recv, experts, state, host = out
+        handle = DispatchHandle(
+            num_ranks=self.num_ranks,
+            num_experts=num_experts,
+            hidden=int(x.shape[1]),
+            is_token_in_rank=layout.is_token_in_rank,
+            num_tokens_per_rank=layout.num_tokens_per_rank,
+            # A view (no copy kernel): the rows this rank received from each source.
+            num_recv_per_src=state[self.counts_index][:, self.rank],
+            recv_src_idx=recv_src,
+            # With num_worst_tokens the real count stays on the GPU (no host wait): -1.
+            num_recv_tokens=num_recv,
+            num_recv_tokens_per_expert_list=experts,
+            num_worst_tokens=num_worst_tokens,
+            backend_state={"engine": id(self), "state": state, "host_counts": host},
+        )
+        return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, experts, handle)
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        config: Config,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        address = self._runtime_address()
+        st = self._state_of(handle)
+        if len(bias) > 2:
+            raise ValueError(f"combine: at most two bias tensors, got {len(bias)}")
+        b0, b1 = (*bias, None, None)[:2]
+        return self._native_combine(address, x, handle, topk_weights, st, b0, b1, config)
+
+    def check_errors(self) -> None:
+        """Raise if a kernel reported a timeout or overflow (else seen at the next call)."""
+        if self._rt is not None:
+            self._rt.check_error()
+
+    def destroy(self) -> None:
+        """Collective: every rank calls it. Frees the buffers and unmaps the peers'."""
+        if self._rt is None:
+            return
+        rt, self._rt = self._rt, None
+        self._address = 0
+        # No kernel of any rank may touch the buffers any more: finish ours, then wait for
+        # everyone's; unmap the peers, wait again, and only then free our own memory.
+        torch.cuda.synchronize(self.device)
+        self.comm.barrier(f"{self.kind}: destroy (kernels finished)")
+        rt.close_peers()
+        self.comm.barrier(f"{self.kind}: destroy (peers unmapped)")
+        rt.destroy()
