@@ -1,0 +1,137 @@
+"""Nonblocking MPI exchanges that own their buffers until MPI is done with them.
+
+An :class:`Exchange` is one phase of a call (count exchange, data exchange): a few
+nonblocking collectives started together and completed together. It keeps a reference to
+every array handed to MPI until all its requests have completed. If a wait times out, the
+requests can neither be completed nor cancelled (MPI does not cancel collectives), and a
+late peer may still write into the receive arrays: the exchange then goes to a
+process-wide graveyard, which keeps those arrays alive for the rest of the process
+(issue 11, defect 2), and the caller marks its backend unusable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpiep.comm import Communicator
+from mpiep.errors import PeerTimeoutError
+
+_GRAVEYARD: list[Exchange] = []
+
+
+def graveyard() -> list[Exchange]:
+    """Exchanges that failed with requests still pending (their buffers stay alive)."""
+    return _GRAVEYARD
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a flat uint8 array sharing its memory."""
+    if t.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("MPI buffers must be contiguous CPU tensors")
+    return t.detach().view(-1).view(torch.uint8).numpy()
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    out, at = [], 0
+    for c in counts:
+        out.append(at)
+        at += c
+    return out
+
+
+class Exchange:
+    """Collectives of one phase, started with the ``start_*`` methods, finished by ``wait``."""
+
+    def __init__(self, comm: Communicator, phase: str) -> None:
+        self.comm = comm
+        self.phase = phase
+        self._requests: list[MPI.Request] = []
+        self._buffers: list[object] = []  # everything MPI may read or write
+        self.done = False
+
+    # -- starting -----------------------------------------------------------------------
+    def start(self, request: MPI.Request, *buffers: object) -> None:
+        """Track ``request`` and keep ``buffers`` alive until it completes."""
+        self._requests.append(request)
+        self._buffers.extend(buffers)
+
+    def start_alltoallv(
+        self,
+        send: torch.Tensor,
+        send_rows: Sequence[int],
+        recv: torch.Tensor,
+        recv_rows: Sequence[int],
+        row_bytes: int,
+    ) -> None:
+        """Rows of ``send`` go to ranks in order (``send_rows[d]`` to rank d); rows from
+        rank s land in ``recv`` in rank order, from its start. Both are contiguous CPU
+        tensors; ``row_bytes`` is the same on every rank."""
+        scounts = [int(n) * row_bytes for n in send_rows]
+        rcounts = [int(n) * row_bytes for n in recv_rows]
+        s, r = as_numpy(send), as_numpy(recv)
+        if s.nbytes < sum(scounts) or r.nbytes < sum(rcounts):
+            raise ValueError(
+                f"{self.phase}: {s.nbytes}/{r.nbytes} bytes of send/receive space for "
+                f"{sum(scounts)}/{sum(rcounts)} bytes of rows"
+            )
+        req = self.comm.comm.Ialltoallv(
+            [s, (scounts, _displacements(scounts)), MPI.BYTE],
+            [r, (rcounts, _displacements(rcounts)), MPI.BYTE],
+        )
+        self.start(req, send, recv, s, r)
+
+    def start_allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
+        self.start(self.comm.comm.Iallgather(send, recv), send, recv)
+
+    def start_alltoall(self, send: np.ndarray, recv: np.ndarray) -> None:
+        self.start(self.comm.comm.Ialltoall(send, recv), send, recv)
+
+    # -- finishing ----------------------------------------------------------------------
+    def test(self) -> bool:
+        """True once every request has completed (and then the buffers are released)."""
+        if not self.done and MPI.Request.Testall(self._requests):
+            self._finished()
+        return self.done
+
+    def wait(self) -> None:
+        """Complete every request, or raise PeerTimeoutError after the communicator's
+        timeout; the exchange then goes to the graveyard with its buffers."""
+        deadline = time.monotonic() + self.comm.timeout_s
+        sleep = 0.0
+        try:
+            while not self.test():
+                if time.monotonic() > deadline:
+                    raise PeerTimeoutError(
+                        f"rank {self.comm.rank}/{self.comm.size}: no answer from peers within "
+                        f"{self.comm.timeout_s:g}s in phase '{self.phase}' (a peer crashed, "
+                        "hangs, or skipped this call)"
+                    )
+                # Spin briefly, then back off: MPI progresses only inside Test.
+                if sleep:
+                    time.sleep(sleep)
+                sleep = min(max(sleep * 2, 1e-5), 1e-3)
+        except BaseException:
+            self.bury()
+            raise
+
+    def bury(self) -> None:
+        """Keep the buffers for good: MPI may still write into them."""
+        if not self.done and self not in _GRAVEYARD:
+            _GRAVEYARD.append(self)
+
+    def _finished(self) -> None:
+        self.done = True
+        self._requests.clear()
+        self._buffers.clear()
+
+    def __del__(self) -> None:
+        # A safety net: an exchange dropped with requests pending keeps its buffers.
+        if not getattr(self, "done", True) and getattr(self, "_requests", None):
+            _GRAVEYARD.append(self)
