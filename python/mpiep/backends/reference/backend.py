@@ -17,6 +17,7 @@ from mpiep.backends.layout import compute_layout
 from mpiep.backends.reference import low_latency, normal
 from mpiep.backends.reference.exchange import Exchange
 from mpiep.backends.reference.hooks import HookSlots
+from mpiep.backends.reference.host_cache import host_cache
 from mpiep.comm import Communicator
 from mpiep.config import Config
 from mpiep.errors import MpiepError
@@ -176,3 +177,4 @@ class ReferenceBackend:
 
     def destroy(self) -> None:
         self._ll_combine_buffer = None
+        host_cache().clear()  # idle blocks only; tensors in use keep theirs

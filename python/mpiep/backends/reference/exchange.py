@@ -38,6 +38,16 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().view(-1).view(torch.uint8).numpy()
 
 
+_ROW_TYPES: dict[int, MPI.Datatype] = {}
+
+
+def _row_type(row_bytes: int) -> MPI.Datatype:
+    """A committed contiguous datatype of ``row_bytes`` bytes (kept for the process)."""
+    if row_bytes not in _ROW_TYPES:
+        _ROW_TYPES[row_bytes] = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+    return _ROW_TYPES[row_bytes]
+
+
 def _displacements(counts: Sequence[int]) -> list[int]:
     out, at = [], 0
     for c in counts:
@@ -69,21 +79,27 @@ class Exchange:
         recv: torch.Tensor,
         recv_rows: Sequence[int],
         row_bytes: int,
+        skip_self: bool = False,
     ) -> None:
         """Rows of ``send`` go to ranks in order (``send_rows[d]`` to rank d); rows from
         rank s land in ``recv`` in rank order, from its start. Both are contiguous CPU
-        tensors; ``row_bytes`` is the same on every rank."""
-        scounts = [int(n) * row_bytes for n in send_rows]
-        rcounts = [int(n) * row_bytes for n in recv_rows]
+        tensors; ``row_bytes`` is the same on every rank. With ``skip_self`` this rank's own
+        block is left out (the caller wrote it in place) but keeps its room in both."""
+        if row_bytes == 0:  # nothing to move (a field list that is empty)
+            return
+        send_rows, recv_rows = [int(n) for n in send_rows], [int(n) for n in recv_rows]
         s, r = as_numpy(send), as_numpy(recv)
-        if s.nbytes < sum(scounts) or r.nbytes < sum(rcounts):
+        if s.nbytes < sum(send_rows) * row_bytes or r.nbytes < sum(recv_rows) * row_bytes:
             raise ValueError(
                 f"{self.phase}: {s.nbytes}/{r.nbytes} bytes of send/receive space for "
-                f"{sum(scounts)}/{sum(rcounts)} bytes of rows"
+                f"{sum(send_rows)}/{sum(recv_rows)} rows of {row_bytes} bytes"
             )
+        sdispl, rdispl = _displacements(send_rows), _displacements(recv_rows)
+        if skip_self:
+            send_rows[self.comm.rank] = recv_rows[self.comm.rank] = 0
+        row = _row_type(row_bytes)  # counts in rows: no 32-bit overflow of byte counts
         req = self.comm.comm.Ialltoallv(
-            [s, (scounts, _displacements(scounts)), MPI.BYTE],
-            [r, (rcounts, _displacements(rcounts)), MPI.BYTE],
+            [s, (send_rows, sdispl), row], [r, (recv_rows, rdispl), row]
         )
         self.start(req, send, recv, s, r)
 
@@ -113,10 +129,11 @@ class Exchange:
                         f"{self.comm.timeout_s:g}s in phase '{self.phase}' (a peer crashed, "
                         "hangs, or skipped this call)"
                     )
-                # Spin briefly, then back off: MPI progresses only inside Test.
+                # MPI progresses only inside Test: spin once, then sleep, backing off, which
+                # leaves the core to peers where ranks share cores.
                 if sleep:
                     time.sleep(sleep)
-                sleep = min(max(sleep * 2, 1e-5), 1e-3)
+                sleep = min(max(sleep * 2, 1e-5), 2.5e-4)
         except BaseException:
             self.bury()
             raise

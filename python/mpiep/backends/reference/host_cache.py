@@ -28,8 +28,8 @@ GRANULE = 1 << 21  # block sizes are rounded up to this, so nearby sizes share b
 
 
 def _default_limit() -> int:
-    """Idle bytes kept per process (env ``MPIEP_REFERENCE_CACHE_MB``, default 2048)."""
-    return int(float(os.environ.get("MPIEP_REFERENCE_CACHE_MB", "2048")) * (1 << 20))
+    """Idle bytes kept per process (env ``MPIEP_REFERENCE_CACHE_MB``, default 1024)."""
+    return int(float(os.environ.get("MPIEP_REFERENCE_CACHE_MB", "1024")) * (1 << 20))
 
 
 class HostCache:
@@ -40,7 +40,7 @@ class HostCache:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised CPU tensor, from a cached block when it is large."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES or self.limit <= 0:
             return torch.empty(shape, dtype=dtype)
         block = self._take(nbytes)

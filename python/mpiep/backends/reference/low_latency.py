@@ -23,7 +23,7 @@ import torch
 from mpiep.backends.base import LowLatencyDispatchResult
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.normal import _check_handles, _cpu, _gather_counts
-from mpiep.backends.reference.packing import RowLayout
+from mpiep.backends.reference.packing import RowLayout, as_words
 from mpiep.backends.reference.reduce import gather_sum
 from mpiep.errors import CapacityError
 from mpiep.fp8 import pack_ue8m0, per_token_cast_to_fp8, round_scale_to_pow2
@@ -119,12 +119,19 @@ def dispatch(
     exchange.start_alltoallv(send, send_rows, recv, recv_rows, layout.row_bytes)
 
     # Outputs: shapes fixed by the arguments; filled by finish().
+    def output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # CPU: a cached block, whose pages are mapped already (first touch of fresh pages
+        # cost more than the exchange); rows past recv_count stay undefined either way.
+        if device.type == "cpu":
+            return host_empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
+
     x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
-    recv_x = torch.empty(epr, rows_per_expert, hidden, dtype=x_dtype, device=device)
+    recv_x = output((epr, rows_per_expert, hidden), x_dtype)
     recv_scales = None
     if use_fp8:
         width, dtype = ((groups + 3) // 4, torch.int32) if use_ue8m0 else (groups, torch.float32)
-        recv_scales = torch.empty(epr, rows_per_expert, width, dtype=dtype, device=device)
+        recv_scales = output((epr, rows_per_expert, width), dtype)
     recv_count = torch.empty(epr, dtype=torch.int32, device=device)
     src_token_idx = torch.empty(epr, rows_per_expert, dtype=torch.int32, device=device)
     layout_range = torch.empty(epr, num_ranks, 2, dtype=torch.int32, device=device)
@@ -139,12 +146,16 @@ def dispatch(
         src, e = gid // epr, gid % epr
         start = torch.cumsum(counts, 0) - counts  # [src, e]: first row of src's group
         dst = e * rows_per_expert + start[src, e] + within
-        dst_dev = dst.to(device)
+        dst_dev, dst_np = dst.to(device), dst.numpy()
 
         def place(out: torch.Tensor, rows: torch.Tensor) -> None:
-            out.view(epr * rows_per_expert, -1).index_copy_(0, dst_dev, rows.to(device))
+            target = as_words(out.view(epr * rows_per_expert, -1))
+            if device.type == "cpu":  # numpy's row scatter is ~2.5x torch's index_copy_
+                target.numpy()[dst_np] = as_words(rows).numpy()
+            else:
+                target.index_copy_(0, dst_dev, as_words(rows).to(device))
 
-        place(recv_x.view(torch.uint8) if use_fp8 else recv_x, layout.view(recv, "x"))
+        place(recv_x, layout.view(recv, "x"))
         if recv_scales is not None:
             sc = layout.view(recv, "scales")
             place(recv_scales, pack_ue8m0(round_scale_to_pow2(sc)) if use_ue8m0 else sc)

@@ -125,11 +125,17 @@ def dispatch(
     recv_per_src = matrix[:, rank]
     out_rows = num_worst_tokens or num_recv
 
-    # The rows: gathered once into the send buffer, received in place into recv_x.
+    # The rows: gathered once into the send buffer, received in place into recv_x; this
+    # rank's own rows are gathered straight into recv_x and skip MPI.
     xc = _cpu(x)
     send_x = host_empty((token.numel(), hidden), x.dtype)
-    torch.index_select(xc, 0, token, out=send_x)
     recv_x = host_empty((out_rows, hidden), x.dtype)
+    first = int(send_counts[:rank].sum())
+    last = first + int(send_counts[rank])
+    at = int(recv_per_src[:rank].sum())
+    torch.index_select(xc, 0, token[:first], out=send_x[:first])
+    torch.index_select(xc, 0, token[last:], out=send_x[last:])
+    torch.index_select(xc, 0, token[first:last], out=recv_x[at : at + last - first])
 
     # The small fields, packed into one aligned matrix.
     fields = []
@@ -160,7 +166,12 @@ def dispatch(
 
     exchange = backend.exchange("dispatch: data")
     exchange.start_alltoallv(
-        send_x, send_counts.tolist(), recv_x[:num_recv], recv_per_src, hidden * x.element_size()
+        send_x,
+        send_counts.tolist(),
+        recv_x[:num_recv],
+        recv_per_src,
+        hidden * x.element_size(),
+        skip_self=True,
     )
     if meta.row_bytes:
         exchange.start_alltoallv(

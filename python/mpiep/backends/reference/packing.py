@@ -29,7 +29,7 @@ class Field:
 
     @property
     def nbytes(self) -> int:
-        return self.width * torch.empty((), dtype=self.dtype).element_size()
+        return self.width * self.dtype.itemsize
 
 
 class RowLayout:
@@ -51,3 +51,13 @@ class RowLayout:
         """Typed ``[N, width]`` view of field ``name`` in a ``[N, row_bytes]`` uint8 matrix."""
         f = self.fields[name]
         return rows[:, f.offset : f.offset + f.nbytes].view(f.dtype)
+
+
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes viewed with the widest integer type that divides the last dimension:
+    ``index_copy_`` moves int64 rows several times faster than uint8 or bf16 ones."""
+    nbytes = t.shape[-1] * t.dtype.itemsize
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if nbytes % dtype.itemsize == 0 and t.dtype.itemsize <= dtype.itemsize:
+            return t.view(torch.uint8).view(dtype) if t.dtype.itemsize == 1 else t.view(dtype)
+    return t

@@ -1,11 +1,13 @@
 """The combine reductions: per token, a float32 sum of received BF16 rows, cast once.
 
-Rows are gathered per block of tokens rather than scattered with ``index_add_``: the
-float32 accumulator of a block stays in cache, each received row is read once and each
-output row written once (``index_add_`` costs a read-modify-write of a float32 output row
-per received row, and a per-row dispatch inside torch). The summation order is fixed:
-from 0.0, over the row slots ``j = 0, 1, ...`` of ``idx`` (source ranks in rank order for
-normal combine, top-k slots in order for low-latency combine).
+Rows are gathered per small block of tokens rather than scattered with ``index_add_``:
+each received row is read from memory once, the float32 accumulator of a block stays in
+cache, and each output row is written once (``index_add_`` costs a read-modify-write of a
+float32 output row per received row, and a per-row dispatch inside torch). With ranks
+sharing cores, small blocks win clearly: measured on 4 ranks x 2 cores, 64 rows per block
+took a fraction of the time of 512. The summation order is fixed: slot ``j = 0, 1, ...``
+in turn (source ranks in rank order for normal combine, top-k slots in order for
+low-latency combine).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-ROWS_PER_BLOCK = 64  # gathered rows per step: 64 x 7168 float32 is 1.8 MB, in L2
+ROWS_PER_BLOCK = 64
 
 
 def rows_by_token(token: torch.Tensor, num_tokens: int, sentinel: int) -> torch.Tensor:
@@ -39,8 +41,9 @@ def gather_sum(
     out: torch.Tensor,
     weights: torch.Tensor | None = None,
     bias: Sequence[torch.Tensor] = (),
+    rows_per_block: int = ROWS_PER_BLOCK,
 ) -> None:
-    """``out[t] = bf16(0 + sum_j weights[t, j] * rows[idx[t, j]] + sum(bias)[t])`` in float32.
+    """``out[t] = bf16(sum_j weights[t, j] * rows[idx[t, j]] + sum(bias)[t])`` in float32.
 
     ``rows`` ``[N, H]`` BF16 on the CPU (may be a strided view of packed rows) whose row
     ``idx`` points at for missing entries must be zeros; ``weights`` float32 ``[T, J]`` or
@@ -48,28 +51,27 @@ def gather_sum(
     """
     num_tokens, width = idx.shape
     hidden = rows.shape[1]
-    block = max(1, ROWS_PER_BLOCK // max(width, 1))
+    if width == 0:
+        out.zero_()
+        for b in bias:
+            out.add_(b)
+        return
+    block = max(1, rows_per_block // width)
     idx_t = idx.t().contiguous()  # [J, T]: one slot's rows of a block are adjacent
-    w_t = weights.t().contiguous() if weights is not None else None
+    w_t = weights.t().contiguous().unsqueeze(2) if weights is not None else None  # [J, T, 1]
     gathered = torch.empty(width * block, hidden, dtype=rows.dtype)
-    as_f32 = torch.empty(width * block, hidden, dtype=torch.float32)
+    widened = torch.empty(width * block, hidden, dtype=torch.float32)
     acc = torch.empty(block, hidden, dtype=torch.float32)
     for start in range(0, num_tokens, block):
-        n = min(block, num_tokens - start)
-        end = start + n
-        a = acc[:n]
-        a.zero_()
-        if width:
-            g = gathered[: width * n]
-            torch.index_select(rows, 0, idx_t[:, start:end].reshape(-1), out=g)
-            f = as_f32[: width * n]
-            f.copy_(g)  # one vectorised cast; a mixed-dtype add_ is 3x slower
-            for j in range(width):
-                part = f[j * n : (j + 1) * n]
-                if w_t is None:
-                    a.add_(part)
-                else:
-                    a.addcmul_(part, w_t[j, start:end].unsqueeze(1))
+        end = min(start + block, num_tokens)
+        n = end - start
+        g, f, a = gathered[: width * n], widened[: width * n], acc[:n]
+        torch.index_select(rows, 0, idx_t[:, start:end].reshape(-1), out=g)
+        f.copy_(g)  # one vectorised widening of the block, in cache
+        slots = f.view(width, n, hidden)
+        if w_t is not None:
+            slots.mul_(w_t[:, start:end])
+        torch.sum(slots, dim=0, out=a)  # an outer reduction: slot after slot
         for b in bias:
             a.add_(b[start:end])
         out[start:end].copy_(a)
