@@ -261,7 +261,8 @@ def combine(
             if result.device.type == "cpu"
             else host_empty(tuple(result.shape), torch.bfloat16)
         )
-        gather_sum(layout.view(recv, "y"), idx, target, weights=w)
+        # Few tokens, K slots each: larger blocks keep the per-op overhead down.
+        gather_sum(layout.view(recv, "y"), idx, target, weights=w, rows_per_block=128)
         if target is not result:
             result.copy_(target)
 
