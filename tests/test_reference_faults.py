@@ -218,14 +218,14 @@ def test_late_peer_in_data_phase(
 
     rank, hidden = pair.rank, 128
     if rank == 1:
-        original = exchange.Exchange.start
+        original = exchange.Exchange.start_alltoallv
 
         def late_start(self: Any, *args: Any, **kwargs: Any) -> None:
             if "data" in self.phase:
                 time.sleep(LATE_S)
             original(self, *args, **kwargs)
 
-        monkeypatch.setattr(exchange.Exchange, "start", late_start)
+        monkeypatch.setattr(exchange.Exchange, "start_alltoallv", late_start)
     idx = np.array([[0], [1], [1], [0]], dtype=np.int64)
     w = np.ones((4, 1), dtype=np.float32)
     x = torch.ones(4, hidden, dtype=torch.bfloat16)

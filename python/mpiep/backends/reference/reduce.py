@@ -106,3 +106,24 @@ def _block_sum(
         torch.mul(parts[0], ws[0], out=acc)
         for j in range(1, len(parts)):
             acc.addcmul_(parts[j], ws[j])
+
+
+def slot_sum(
+    rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, tokens_per_block: int = 16
+) -> None:
+    """``out[t] = bf16(sum_k weights[t, k] * rows[t, k])`` in float32, slot after slot, for
+    ``rows`` ``[T, K, H]`` BF16 already in (token, slot) order (no gather needed)."""
+    num_tokens, num_topk, hidden = rows.shape
+    if num_tokens == 0:
+        return
+    if num_topk == 0:
+        out.zero_()
+        return
+    acc = torch.empty(min(tokens_per_block, num_tokens), hidden, dtype=torch.float32)
+    for start in range(0, num_tokens, tokens_per_block):
+        end = min(start + tokens_per_block, num_tokens)
+        a, block, w = acc[: end - start], rows[start:end], weights[start:end].unsqueeze(2)
+        torch.mul(block[:, 0], w[:, 0], out=a)
+        for j in range(1, num_topk):
+            a.addcmul_(block[:, j], w[:, j])
+        out[start:end].copy_(a)
