@@ -206,43 +206,64 @@ def test_late_peer_in_count_phase(pair: MPI.Comm | None, make_buffer: Callable[.
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mode", ["normal", "low-latency"])
 def test_late_peer_in_data_phase(
-    pair: MPI.Comm | None, make_buffer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    pair: MPI.Comm | None,
+    make_buffer: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
 ) -> None:
     """Rank 1 starts the data exchange late: rank 0 times out in the data phase; rank 1's
     rows arrive afterwards into rank 0's receive buffers, which must still be alive."""
     if pair is None:
         pytest.skip("rank outside the pair")
+    from mpiep import Buffer
     from mpiep.backends.reference import exchange
+    from mpiep.backends.reference.backend import ReferenceBackend
     from mpiep.errors import PeerTimeoutError
 
     rank, hidden = pair.rank, 128
     if rank == 1:
-        original = exchange.Exchange.start_alltoallv
+        original = ReferenceBackend.exchange
 
-        def late_start(self: Any, *args: Any, **kwargs: Any) -> None:
-            if "data" in self.phase:
+        def late_exchange(self: Any, phase: str) -> Any:
+            if "data" in phase:  # rank 1 starts every data exchange late
                 time.sleep(LATE_S)
-            original(self, *args, **kwargs)
+            return original(self, phase)
 
-        monkeypatch.setattr(exchange.Exchange, "start_alltoallv", late_start)
+        monkeypatch.setattr(ReferenceBackend, "exchange", late_exchange)
     idx = np.array([[0], [1], [1], [0]], dtype=np.int64)
     w = np.ones((4, 1), dtype=np.float32)
     x = torch.ones(4, hidden, dtype=torch.bfloat16)
-    buf = make_buffer(pair, validate=False, timeout_s=TIMEOUT_S)
+    if mode == "normal":
+        buf = make_buffer(pair, validate=False, timeout_s=TIMEOUT_S)
+    else:
+        rdma = Buffer.get_low_latency_rdma_size_hint(4, hidden, 2, 2)
+        buf = make_buffer(
+            pair,
+            validate=False,
+            timeout_s=TIMEOUT_S,
+            num_nvl_bytes=0,
+            num_rdma_bytes=rdma,
+            low_latency_mode=True,
+        )
+    buried_before = len(exchange.graveyard())
     outcome = "returned"
     try:
-        layout_dispatch(buf, x, idx, w, 2)
+        if mode == "normal":
+            layout_dispatch(buf, x, idx, w, 2)
+        else:
+            buf.low_latency_dispatch(x, torch.from_numpy(idx), 4, 2, use_fp8=False)
     except PeerTimeoutError as exc:
         outcome = f"timeout: {exc}"
     gc.collect()
-    canaries = Canaries(small_sizes(hidden, 4))
+    canaries = Canaries(small_sizes(hidden, 8))
     progress(pair, 1.0)
-    buried = len(exchange.graveyard())
+    buried = len(exchange.graveyard()) - buried_before
     monkeypatch.undo()
     ok = canaries.intact() and (outcome.startswith("timeout") == (rank == 0))
     if rank == 0:
-        ok = ok and "data" in outcome and buried >= 1
+        ok = ok and "data" in outcome and buried == 1
     assert all_ranks_ok(ok, pair), (rank, outcome, buried, canaries.intact())
 
 
