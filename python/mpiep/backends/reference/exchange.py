@@ -82,10 +82,12 @@ class Exchange:
         recv: torch.Tensor,
         recv_rows: Sequence[int],
         row_bytes: int,
+        skip_self: bool = False,
     ) -> None:
         """Rows of ``send`` go to ranks in order (``send_rows[d]`` to rank d); rows from
         rank s land in ``recv`` in rank order, from its start. Both are contiguous CPU
-        tensors; ``row_bytes`` is the same on every rank."""
+        tensors; ``row_bytes`` is the same on every rank. With ``skip_self`` this rank's own
+        block is left out (the caller wrote it in place) but keeps its room in both."""
         if row_bytes == 0:  # nothing to move (a field list that is empty)
             return
         send_rows, recv_rows = [int(n) for n in send_rows], [int(n) for n in recv_rows]
@@ -96,6 +98,8 @@ class Exchange:
                 f"{sum(send_rows)}/{sum(recv_rows)} rows of {row_bytes} bytes"
             )
         sdispl, rdispl = _displacements(send_rows), _displacements(recv_rows)
+        if skip_self:
+            send_rows[self.comm.rank] = recv_rows[self.comm.rank] = 0
         row = _row_type(row_bytes)  # counts in rows: no 32-bit overflow of byte counts
         req = self.comm.comm.Ialltoallv(
             [s, (send_rows, sdispl), row], [r, (recv_rows, rdispl), row]

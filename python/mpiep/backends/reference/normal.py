@@ -3,9 +3,8 @@
 Dispatch sends each token once to every rank that owns one of its experts, rows grouped
 by destination rank in token order, so that receivers see rows by source rank, then
 source token (the contract's order) without sorting. Two collectives run together: the
-rows themselves, read from ``x`` and written into ``recv_x`` by MPI in place (derived
-datatypes: no packing or unpacking pass), and one packed matrix of the small per-row
-fields (FP8 scales, source token id, top-k ids and weights).
+rows themselves, received straight into ``recv_x`` (no unpacking copy), and one packed
+matrix of the small per-row fields (FP8 scales, source token id, top-k ids and weights).
 
 Every count travels in one allgather first, so every rank sees every rank's send and
 receive counts and all raise the same error (capacity, mismatched handles) before any
@@ -20,8 +19,6 @@ import numpy as np
 import torch
 
 from mpiep.backends.base import DispatchResult, Layout
-from mpiep.backends.reference import datatypes as dt
-from mpiep.backends.reference.exchange import Exchange, as_numpy
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.packing import RowLayout
 from mpiep.backends.reference.reduce import gather_sum, rows_by_token
@@ -83,31 +80,6 @@ def _check_handles(matrix: np.ndarray, expected: np.ndarray, what: str) -> None:
         )
 
 
-def _start_rows(
-    exchange: Exchange,
-    x: torch.Tensor,
-    token: torch.Tensor,
-    send_rows: list[int],
-    recv_x: torch.Tensor,
-    recv_rows: list[int],
-) -> None:
-    """Rows ``x[token]`` (destination-major) to every rank, received in rank order into
-    ``recv_x``, by one Ialltoallw reading and writing them in place."""
-    row = dt.row_type(x.shape[1] * x.element_size())
-    x_np, out_np = as_numpy(x), as_numpy(recv_x)
-    token_np = token.numpy()
-    sends, recvs = [], []
-    send_at, recv_at = 0, 0
-    for peer in range(len(send_rows)):
-        picked = token_np[send_at : send_at + send_rows[peer]]
-        sends.append(dt.peer_type([(x_np, dt.picked_rows(row, picked))]))
-        recvs.append(dt.peer_type([(out_np, dt.row_runs(row, [recv_rows[peer]], [recv_at]))]))
-        send_at += send_rows[peer]
-        recv_at += recv_rows[peer]
-    row.Free()
-    exchange.start_alltoallw(sends, recvs, x, recv_x, token_np)
-
-
 def dispatch(
     backend: ReferenceBackend,
     x: torch.Tensor,
@@ -153,10 +125,17 @@ def dispatch(
     recv_per_src = matrix[:, rank]
     out_rows = num_worst_tokens or num_recv
 
-    # The rows move in place: MPI reads each destination's rows of x by token id and
-    # writes each source's rows straight into recv_x (datatypes.py): no packing pass.
-    xc = _cpu(x).contiguous()
+    # The rows: gathered once into the send buffer, received in place into recv_x; this
+    # rank's own rows are gathered straight into recv_x and skip MPI.
+    xc = _cpu(x)
+    send_x = host_empty((token.numel(), hidden), x.dtype)
     recv_x = host_empty((out_rows, hidden), x.dtype)
+    first = int(send_counts[:rank].sum())
+    last = first + int(send_counts[rank])
+    at = int(recv_per_src[:rank].sum())
+    torch.index_select(xc, 0, token[:first], out=send_x[:first])
+    torch.index_select(xc, 0, token[last:], out=send_x[last:])
+    torch.index_select(xc, 0, token[first:last], out=recv_x[at : at + last - first])
 
     # The small fields, packed into one aligned matrix.
     fields = []
@@ -186,7 +165,14 @@ def dispatch(
     recv_meta = torch.empty(num_recv, meta.row_bytes, dtype=torch.uint8)
 
     exchange = backend.exchange("dispatch: data")
-    _start_rows(exchange, xc, token, send_counts.tolist(), recv_x, recv_per_src.tolist())
+    exchange.start_alltoallv(
+        send_x,
+        send_counts.tolist(),
+        recv_x[:num_recv],
+        recv_per_src,
+        hidden * x.element_size(),
+        skip_self=True,
+    )
     if meta.row_bytes:
         exchange.start_alltoallv(
             send_meta, send_counts.tolist(), recv_meta, recv_per_src, meta.row_bytes
