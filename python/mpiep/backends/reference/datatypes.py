@@ -27,14 +27,15 @@ def row_type(row_bytes: int) -> MPI.Datatype:
 
 def picked_rows(row: MPI.Datatype, rows: Sequence[int] | np.ndarray) -> MPI.Datatype:
     """Rows ``rows`` (row indices, repeats allowed) of an array of ``row``-sized rows."""
-    return row.Create_indexed_block(1, [int(r) for r in rows])
+    return row.Create_indexed_block(1, np.asarray(rows, dtype=np.int64).tolist())
 
 
 def row_runs(
     row: MPI.Datatype, lengths: Sequence[int] | np.ndarray, starts: Sequence[int] | np.ndarray
 ) -> MPI.Datatype:
     """Runs of consecutive rows: ``lengths[i]`` rows from row ``starts[i]`` (empty runs ok)."""
-    return row.Create_indexed([int(n) for n in lengths], [int(s) for s in starts])
+    as_list = np.asarray(lengths, dtype=np.int64).tolist()
+    return row.Create_indexed(as_list, np.asarray(starts, dtype=np.int64).tolist())
 
 
 def peer_type(parts: Sequence[Part]) -> MPI.Datatype:
