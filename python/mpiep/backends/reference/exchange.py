@@ -23,7 +23,7 @@ from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 
 _GRAVEYARD: list[Exchange] = []
-SPIN_S = 0.05  # how long a wait polls before it sleeps between polls
+SPIN_S = 0.25  # how long a wait polls before it sleeps between polls
 
 
 def graveyard() -> list[Exchange]:
