@@ -109,7 +109,7 @@ def _block_sum(
 
 
 def slot_sum(
-    rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, tokens_per_block: int = 16
+    rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, tokens_per_block: int = 8
 ) -> None:
     """``out[t] = bf16(sum_k weights[t, k] * rows[t, k])`` in float32, slot after slot, for
     ``rows`` ``[T, K, H]`` BF16 already in (token, slot) order (no gather needed)."""
