@@ -383,3 +383,84 @@ def test_low_latency_one_row(
         np.testing.assert_allclose(
             combined.float().numpy(), combine_oracle(case), rtol=2.0**-8, atol=1e-4
         )
+
+
+# --------------------------------------------------------------------------- bad input, no hang
+@pytest.mark.mpi(min_size=2)
+def test_bad_expert_id_without_validation(
+    pair: MPI.Comm | None, make_buffer: Callable[..., Any]
+) -> None:
+    """validate=False skips the argument agreement; an expert id out of range on one rank
+    still fails low-latency dispatch on every rank, naming that rank, before data moves."""
+    if pair is None:
+        pytest.skip("rank outside the pair")
+    from mpiep import Buffer
+
+    rdma = Buffer.get_low_latency_rdma_size_hint(4, 128, 2, 4)
+    buf = make_buffer(
+        pair, validate=False, num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True
+    )
+    idx = torch.tensor([[0], [1]], dtype=torch.int64)
+    if pair.rank == 0:
+        idx[1, 0] = 4  # E = 4: out of range
+    x = torch.ones(2, 128, dtype=torch.bfloat16)
+    message = ""
+    try:
+        buf.low_latency_dispatch(x, idx, 4, 4, use_fp8=False)
+    except ValueError as exc:
+        message = str(exc)
+    assert all_ranks_ok("rank 0" in message and "expert ids" in message, pair), message
+    # the Buffer is still usable afterwards
+    with collective_check(pair):
+        _, count, *_ = buf.low_latency_dispatch(
+            x, torch.tensor([[0], [1]], dtype=torch.int64), 4, 4, use_fp8=False
+        )
+        assert count.tolist() == [2, 2] if pair.rank == 0 else count.tolist() == [0, 0]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_low_latency_expert_overflow(
+    pair: MPI.Comm | None, make_buffer: Callable[..., Any]
+) -> None:
+    """A token naming one expert in every slot can overflow that expert's R * M rows:
+    CapacityError on every rank, not corruption."""
+    if pair is None:
+        pytest.skip("rank outside the pair")
+    from mpiep import Buffer
+    from mpiep.errors import CapacityError
+
+    rdma = Buffer.get_low_latency_rdma_size_hint(2, 128, 2, 2)
+    buf = make_buffer(
+        pair, validate=False, num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True
+    )
+    idx = torch.zeros(2, 3, dtype=torch.int64)  # 2 tokens x 3 slots, all expert 0
+    x = torch.ones(2, 128, dtype=torch.bfloat16)
+    message = ""
+    try:
+        buf.low_latency_dispatch(x, idx, 2, 2, use_fp8=False)
+    except CapacityError as exc:
+        message = str(exc)
+    assert all_ranks_ok("expert 0" in message, pair), message
+
+
+@pytest.mark.mpi(min_size=2)
+def test_combine_with_handles_of_different_dispatches(
+    pair: MPI.Comm | None, make_buffer: Callable[..., Any]
+) -> None:
+    """Ranks passing handles of different dispatches to combine: a ValueError on every
+    rank (the row counts do not match), never a hang or a raw MPI error."""
+    if pair is None:
+        pytest.skip("rank outside the pair")
+    buf = make_buffer(pair, validate=False)
+    x = torch.ones(3, 128, dtype=torch.bfloat16)
+    w = np.ones((3, 1), dtype=np.float32)
+    first = layout_dispatch(buf, x, np.array([[0], [1], [1]]), w, 2)
+    second = layout_dispatch(buf, x, np.array([[1], [1], [1]]), w, 2)
+    handle = first[4] if pair.rank == 0 else second[4]
+    y = torch.ones(handle.num_recv_tokens, 128, dtype=torch.bfloat16)
+    message = ""
+    try:
+        buf.combine(y, handle)
+    except ValueError as exc:
+        message = str(exc)
+    assert all_ranks_ok("different dispatches" in message, pair), message
