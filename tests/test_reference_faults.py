@@ -268,8 +268,8 @@ def test_late_peer_in_data_phase(
 
 
 # --------------------------------------------------------------------------- receive hooks
-def _hook_case(comm: MPI.Comm, rng: np.random.Generator, tokens: int = 6) -> Any:
-    return make_ll_case(comm, rng, 128, 2, "random", e_local=2, base_tokens=tokens)
+def _hook_case(comm: MPI.Comm, rng: np.random.Generator, tokens: int = 6, hidden: int = 128) -> Any:
+    return make_ll_case(comm, rng, hidden, 2, "random", e_local=2, base_tokens=tokens)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -339,6 +339,33 @@ def test_hook_rules(
             stale[4]()
         again = run_ll_dispatch(buf, case, "bf16")
         check_ll_dispatch(case, "bf16", *again[:3])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_inputs_reusable_once_a_hooked_call_returns(
+    comm: MPI.Comm, rng: np.random.Generator, make_buffer: Callable[..., Any]
+) -> None:
+    """With return_recv_hook the call returns before the receive: overwriting x (dispatch)
+    or the expert outputs (combine) before the hook must not change what arrives. Rows of
+    7168 go by MPI's rendezvous protocol: read from the sender's memory late."""
+    case = _hook_case(comm, rng, tokens=16, hidden=7168)
+    buf = ll_buffer(make_buffer, case)
+    x_saved = case.x.clone()
+    with collective_check(comm):
+        recv_x, recv_count, handle, _, hook = run_ll_dispatch(
+            buf, case, "bf16", return_recv_hook=True
+        )
+        case.x.fill_(-7.0)  # the caller reuses its input buffer
+        hook()
+        case.x.copy_(x_saved)
+        y = combine_input(case, handle)
+        combined, _, chook = run_ll_combine(buf, case, y, handle, return_recv_hook=True)
+        y.fill_(1000.0)  # ... and its expert output buffer
+        chook()
+        check_ll_dispatch(case, "bf16", recv_x, recv_count, handle)
+        np.testing.assert_allclose(
+            combined.float().numpy(), combine_oracle(case), rtol=2.0**-8, atol=1e-4
+        )
 
 
 @pytest.mark.mpi(min_size=2)

@@ -123,6 +123,8 @@ def dispatch(
         data = data.view(torch.uint8)
     else:
         data, scales = _cpu(x), None
+        if return_recv_hook:  # MPI reads the rows until the hook: the caller may reuse x
+            data = data.clone()
 
     def output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # CPU: a cached block, whose pages are mapped already (first touch of fresh pages
@@ -338,7 +340,10 @@ def combine(
     src_slot = handle.backend_state["src_slot"]
     assert isinstance(src_slot, torch.Tensor)
     exchange = backend.exchange("low_latency_combine: data")
-    move = _combine_in_place if device.type == "cpu" and IN_PLACE else _combine_staged
+    # With a hook the call returns before MPI has read the expert rows, which the caller
+    # may overwrite (the next layer, the zero-copy buffer): send a packed copy then.
+    in_place = device.type == "cpu" and IN_PLACE and not return_recv_hook
+    move = _combine_in_place if in_place else _combine_staged
     rows, tags = move(exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk))
     result = (
         out if out is not None else torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
