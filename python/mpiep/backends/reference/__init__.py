@@ -6,7 +6,8 @@ kernels exist, so each call is a few vectorised torch operations around nonblock
 ``Ialltoallv`` exchanges.
 
 - ``backend.py``: ``ReferenceBackend``, the object ``Buffer`` calls; health after failures.
-- ``normal.py``, ``low_latency.py``: the two modes.
+- ``normal.py``, ``low_latency.py``: the two modes; ``ll_in_place.py``, ``ll_staged.py``,
+  ``ll_layout.py``: how low-latency rows move; ``datatypes.py``: MPI derived datatypes.
 - ``exchange.py``: nonblocking MPI exchanges that own their buffers until MPI is done.
 - ``hooks.py``: receive hooks with the GPU engine's rules.
 - ``packing.py``: aligned packed rows; ``reduce.py``: the combine sums;

@@ -30,12 +30,12 @@ if TYPE_CHECKING:
     from mpiep.backends.reference.backend import ReferenceBackend
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
+def on_cpu(t: torch.Tensor) -> torch.Tensor:
     """Stage a tensor on the CPU (once per call; a no-op for CPU tensors)."""
     return t if t.device.type == "cpu" else t.cpu()
 
 
-def _gather_counts(
+def gather_counts(
     backend: ReferenceBackend, phase: str, *parts: tuple[int, torch.Tensor | None]
 ) -> np.ndarray:
     """Allgather of fixed-width int64 vectors: ``parts`` are (width, values or None for
@@ -45,7 +45,7 @@ def _gather_counts(
     at = 0
     for w, values in parts:
         if values is not None:
-            mine[at : at + w] = _cpu(values).to(torch.int64).numpy()
+            mine[at : at + w] = on_cpu(values).to(torch.int64).numpy()
         at += w
     everyone = np.empty((backend.comm.size, width), dtype=np.int64)
     exchange = backend.exchange(phase)
@@ -68,7 +68,7 @@ def _check_capacity(backend: ReferenceBackend, matrix: np.ndarray, row_bytes: in
         )
 
 
-def _check_handles(matrix: np.ndarray, expected: np.ndarray, what: str) -> None:
+def check_handles(matrix: np.ndarray, expected: np.ndarray, what: str) -> None:
     """``expected[d, s]``: rows rank d's handle expects from rank s; ``matrix[s, d]``: rows
     s sends to d. A mismatch means handles of different dispatches."""
     bad = np.argwhere(expected != matrix.T)
@@ -97,13 +97,13 @@ def dispatch(
     experts_per_rank = num_experts // num_ranks
     hidden = x.shape[1]
     cached = handle is not None
-    in_rank = _cpu(handle.is_token_in_rank if cached else layout.is_token_in_rank)
+    in_rank = on_cpu(handle.is_token_in_rank if cached else layout.is_token_in_rank)
     num_topk = topk_idx.shape[1] if topk_idx is not None else 0
 
     # Rows go out grouped by destination rank, each group in token order.
     dest, token = torch.nonzero(in_rank.t(), as_tuple=True)
     send_counts = torch.bincount(dest, minlength=num_ranks)
-    everyone = _gather_counts(
+    everyone = gather_counts(
         backend,
         "dispatch: count exchange",
         (num_ranks, send_counts),
@@ -112,7 +112,7 @@ def dispatch(
     )
     matrix = everyone[:, :num_ranks]  # [s, d]: rows s sends to d
     if cached:
-        _check_handles(matrix, everyone[:, num_ranks : 2 * num_ranks], "cached dispatch")
+        check_handles(matrix, everyone[:, num_ranks : 2 * num_ranks], "cached dispatch")
     _check_capacity(backend, matrix, normal_row_bytes(hidden, num_topk, fp8=False))
     received = matrix.sum(axis=0)
     if num_worst_tokens and num_worst_tokens < int(received.max()):
@@ -127,7 +127,7 @@ def dispatch(
 
     # The rows: gathered once into the send buffer, received in place into recv_x; this
     # rank's own rows are gathered straight into recv_x and skip MPI.
-    xc = _cpu(x)
+    xc = on_cpu(x)
     send_x = host_empty((token.numel(), hidden), x.dtype)
     recv_x = host_empty((out_rows, hidden), x.dtype)
     first = int(send_counts[:rank].sum())
@@ -150,17 +150,17 @@ def dispatch(
     meta = RowLayout(fields)
     send_meta = torch.empty(token.numel(), meta.row_bytes, dtype=torch.uint8)
     if x_scales is not None:
-        torch.index_select(_cpu(x_scales), 0, token, out=meta.view(send_meta, "scales"))
+        torch.index_select(on_cpu(x_scales), 0, token, out=meta.view(send_meta, "scales"))
     if "src" in meta:
         meta.view(send_meta, "src").copy_(token.unsqueeze(1))
     if topk_idx is not None:
         # Each receiver sees its own local expert ids, -1 for experts owned elsewhere.
-        ids = _cpu(topk_idx)[token]
+        ids = on_cpu(topk_idx)[token]
         local = ids - (dest * experts_per_rank).unsqueeze(1)
         is_local = (ids >= 0) & (local >= 0) & (local < experts_per_rank)
         meta.view(send_meta, "topk_idx").copy_(torch.where(is_local, local, -1))
         if topk_weights is not None:
-            w = _cpu(topk_weights)[token]
+            w = on_cpu(topk_weights)[token]
             meta.view(send_meta, "topk_weights").copy_(torch.where(is_local, w, 0.0))
     recv_meta = torch.empty(num_recv, meta.row_bytes, dtype=torch.uint8)
 
@@ -231,17 +231,17 @@ def combine(
     comm, device = backend.comm, backend.device
     num_ranks = comm.size
     num_recv, hidden = handle.num_recv_tokens, handle.hidden
-    in_rank = _cpu(handle.is_token_in_rank)
+    in_rank = on_cpu(handle.is_token_in_rank)
     num_tokens = in_rank.shape[0]
     # Received rows are grouped by source rank: each group goes back to its source, and
     # comes back here in the order this rank sent it (by destination, then token).
-    send_rows = _cpu(handle.num_recv_per_src).to(torch.int64)
+    send_rows = on_cpu(handle.num_recv_per_src).to(torch.int64)
     dest, token = torch.nonzero(in_rank.t(), as_tuple=True)
     back_rows = torch.bincount(dest, minlength=num_ranks)
-    everyone = _gather_counts(
+    everyone = gather_counts(
         backend, "combine: count exchange", (num_ranks, send_rows), (num_ranks, back_rows)
     )
-    _check_handles(everyone[:, :num_ranks], everyone[:, num_ranks:], "combine")
+    check_handles(everyone[:, :num_ranks], everyone[:, num_ranks:], "combine")
 
     num_back = token.numel()
     rows = host_empty((num_back + 1, hidden), torch.bfloat16)
@@ -249,7 +249,7 @@ def combine(
     exchange = backend.exchange("combine: data")
     # x's first rows are sent as they are: no packing copy.
     exchange.start_alltoallv(
-        _cpu(x)[:num_recv], send_rows.tolist(), rows[:num_back], back_rows.tolist(), hidden * 2
+        on_cpu(x)[:num_recv], send_rows.tolist(), rows[:num_back], back_rows.tolist(), hidden * 2
     )
     weights = None
     if topk_weights is not None:
@@ -257,7 +257,7 @@ def combine(
         weights = torch.empty(num_back + 1, num_topk, dtype=torch.float32)
         weights[num_back].zero_()
         exchange.start_alltoallv(
-            _cpu(topk_weights)[:num_recv],
+            on_cpu(topk_weights)[:num_recv],
             send_rows.tolist(),
             weights[:num_back],
             back_rows.tolist(),
@@ -267,7 +267,7 @@ def combine(
 
     idx = rows_by_token(token, num_tokens, num_back)
     out = host_empty((num_tokens, hidden), torch.bfloat16)
-    gather_sum(rows, idx, out, bias=[_cpu(b) for b in bias])
+    gather_sum(rows, idx, out, bias=[on_cpu(b) for b in bias])
     combined_weights = None
     if weights is not None:
         # One rank holds each slot's weight (0 elsewhere): the sum is exact in any order.
