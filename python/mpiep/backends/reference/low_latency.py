@@ -30,7 +30,7 @@ from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.ll_in_place import combine_in_place, dispatch_in_place
 from mpiep.backends.reference.ll_layout import pairs
 from mpiep.backends.reference.ll_staged import combine_staged, dispatch_staged
-from mpiep.backends.reference.normal import check_handles, gather_counts, on_cpu
+from mpiep.backends.reference.normal import check_handles, gather_counts, on_cpu, start_counts
 from mpiep.errors import CapacityError
 from mpiep.fp8 import per_token_cast_to_fp8
 from mpiep.handles import LowLatencyHandle
@@ -64,12 +64,21 @@ def dispatch(
 
     token, k, expert = pairs(torch.where((ids >= num_experts) | (ids < -1), -1, ids))
     per_expert = torch.bincount(expert, minlength=num_experts)
-    everyone = gather_counts(
+    counting, everyone = start_counts(
         backend,
         "low_latency_dispatch: count exchange",
         (num_experts, per_expert),
         (1, torch.tensor([int(bad_id)])),
     )
+    # While the counts travel: the FP8 cast, done once per token.
+    if use_fp8:
+        data, scales = per_token_cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
+        data = data.view(torch.uint8)
+    else:
+        data, scales = on_cpu(x), None
+        if return_recv_hook:  # MPI reads the rows until the hook: the caller may reuse x
+            data = data.clone()
+    backend.wait(counting)
     if everyone[:, -1].any():
         bad = int(np.argmax(everyone[:, -1]))
         raise ValueError(
@@ -89,15 +98,7 @@ def dispatch(
     send_rows = per_expert.view(num_ranks, epr).sum(1).tolist()
     recv_rows = counts.sum(1).tolist()
 
-    # What travels: x (or its FP8 cast, done once per token), the scales, (token, slot).
     groups = hidden // 128
-    if use_fp8:
-        data, scales = per_token_cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
-        data = data.view(torch.uint8)
-    else:
-        data, scales = on_cpu(x), None
-        if return_recv_hook:  # MPI reads the rows until the hook: the caller may reuse x
-            data = data.clone()
 
     def output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # CPU: a cached block, whose pages are mapped already (first touch of fresh pages

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mpiep.backends.base import DispatchResult, Layout
+from mpiep.backends.reference.exchange import Exchange
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.packing import RowLayout
 from mpiep.backends.reference.reduce import gather_sum, rows_by_token
@@ -35,11 +36,12 @@ def on_cpu(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
-def gather_counts(
+def start_counts(
     backend: ReferenceBackend, phase: str, *parts: tuple[int, torch.Tensor | None]
-) -> np.ndarray:
-    """Allgather of fixed-width int64 vectors: ``parts`` are (width, values or None for
-    -1s). Returns [R, total width]."""
+) -> tuple[Exchange, np.ndarray]:
+    """Start an allgather of fixed-width int64 vectors: ``parts`` are (width, values or
+    None for -1s). The [R, total width] result is valid once the exchange is waited for;
+    a caller can do its local work in between."""
     width = sum(w for w, _ in parts)
     mine = np.full(width, -1, dtype=np.int64)
     at = 0
@@ -50,6 +52,14 @@ def gather_counts(
     everyone = np.empty((backend.comm.size, width), dtype=np.int64)
     exchange = backend.exchange(phase)
     exchange.start_allgather(mine, everyone)
+    return exchange, everyone
+
+
+def gather_counts(
+    backend: ReferenceBackend, phase: str, *parts: tuple[int, torch.Tensor | None]
+) -> np.ndarray:
+    """:func:`start_counts` and wait."""
+    exchange, everyone = start_counts(backend, phase, *parts)
     backend.wait(exchange)
     return everyone
 
@@ -103,13 +113,23 @@ def dispatch(
     # Rows go out grouped by destination rank, each group in token order.
     dest, token = torch.nonzero(in_rank.t(), as_tuple=True)
     send_counts = torch.bincount(dest, minlength=num_ranks)
-    everyone = gather_counts(
+    counting, everyone = start_counts(
         backend,
         "dispatch: count exchange",
         (num_ranks, send_counts),
         (num_ranks, handle.num_recv_per_src if cached else None),
         (num_experts, None if cached else layout.num_tokens_per_expert),
     )
+    # While the counts travel: gather the rows for other ranks into the send buffer (this
+    # rank's own rows go straight into recv_x below and skip MPI).
+    xc = on_cpu(x)
+    send_x = host_empty((token.numel(), hidden), x.dtype)
+    first = int(send_counts[:rank].sum())
+    last = first + int(send_counts[rank])
+    torch.index_select(xc, 0, token[:first], out=send_x[:first])
+    torch.index_select(xc, 0, token[last:], out=send_x[last:])
+    backend.wait(counting)
+
     matrix = everyone[:, :num_ranks]  # [s, d]: rows s sends to d
     if cached:
         check_handles(matrix, everyone[:, num_ranks : 2 * num_ranks], "cached dispatch")
@@ -124,17 +144,8 @@ def dispatch(
     num_recv = int(received[rank])
     recv_per_src = matrix[:, rank]
     out_rows = num_worst_tokens or num_recv
-
-    # The rows: gathered once into the send buffer, received in place into recv_x; this
-    # rank's own rows are gathered straight into recv_x and skip MPI.
-    xc = on_cpu(x)
-    send_x = host_empty((token.numel(), hidden), x.dtype)
-    recv_x = host_empty((out_rows, hidden), x.dtype)
-    first = int(send_counts[:rank].sum())
-    last = first + int(send_counts[rank])
+    recv_x = host_empty((out_rows, hidden), x.dtype)  # the rows are received in place
     at = int(recv_per_src[:rank].sum())
-    torch.index_select(xc, 0, token[:first], out=send_x[:first])
-    torch.index_select(xc, 0, token[last:], out=send_x[last:])
     torch.index_select(xc, 0, token[first:last], out=recv_x[at : at + last - first])
 
     # The small fields, packed into one aligned matrix.
