@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -65,7 +64,9 @@ def find_nvshmem() -> Path | None:
     except ImportError:
         pass
     for path in candidates:
-        if (path / "include" / "nvshmem.h").exists() and (path / "lib" / "libnvshmem_device.a").exists():
+        if (path / "include" / "nvshmem.h").exists() and (
+            path / "lib" / "libnvshmem_device.a"
+        ).exists():
             return path
     return None
 
@@ -235,7 +236,9 @@ class BuildCore(build_ext):
 
 
 def newest_header_mtime() -> float:
-    headers = glob.glob("include/**/*.h*", recursive=True) + glob.glob("src/**/*.h*", recursive=True)
+    headers = glob.glob("include/**/*.h*", recursive=True) + glob.glob(
+        "src/**/*.h*", recursive=True
+    )
     return max((Path(h).stat().st_mtime for h in headers), default=0.0)
 
 
@@ -253,11 +256,17 @@ def core_extensions() -> list[Extension]:
         have_pybind = False
     missing = [
         name
-        for name, ok in (("nvcc", nvcc), ("NVSHMEM (pip nvidia-nvshmem-cu13 or NVSHMEM_DIR)", nvshmem), ("pybind11", have_pybind))
+        for name, ok in (
+            ("nvcc", nvcc),
+            ("NVSHMEM (pip nvidia-nvshmem-cu13 or NVSHMEM_DIR)", nvshmem),
+            ("pybind11", have_pybind),
+        )
         if not ok
     ]
     if missing:
-        msg = f"not building the CUDA core: missing {', '.join(missing)}; the reference backend only"
+        msg = (
+            f"not building the CUDA core: missing {', '.join(missing)}; the reference backend only"
+        )
         if mode in ("1", "yes", "on"):
             raise SystemExit(f"[mpiep setup] MPIEP_BUILD_CORE=1 but {msg}")
         log(msg)

@@ -21,7 +21,9 @@ def counts(path: Path) -> dict[str, int]:
 
 
 def main(results: str, num_ranks: str) -> int:
-    single = counts(Path(results) / "single.xml") if (Path(results) / "single.xml").exists() else None
+    single = (
+        counts(Path(results) / "single.xml") if (Path(results) / "single.xml").exists() else None
+    )
     ranks = sorted(Path(results).glob("mpi-rank*.xml"))
     mpi = [counts(p) for p in ranks]
     passed = failed = skipped = 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what mpiep needs on a fresh Debian/Ubuntu machine, then mpiep itself.
-# Idempotent: each step is skipped when its tool is already there.
+# Idempotent: each step is skipped when its tool is already there, and the CUDA core is
+# rebuilt only when its sources changed since the last build (scripts/core_stamp.py).
 #
 # MPI: Debian's Open MPI (apt), not the MPI wheels on PyPI. Clusters run their own
 # system MPI built against their Slurm (PMIx) and fabric; mpi4py built for the
@@ -24,13 +25,43 @@ fi
 pip_install() { $PY -m pip install -q --disable-pip-version-check "$@"; }
 # torch: keep the one present (a GPU machine brings its CUDA build); else the CPU 2.13 build.
 $PY -c "import torch" 2>/dev/null || { say "installing torch"; pip_install "torch==2.13.0"; }
-pip_install numpy "mpi4py>=4.0" pytest pytest-mpi pytest-timeout hypothesis setuptools wheel pybind11
+# The rest only when something is missing (pip asks the index even when all is there).
+if ! $PY - <<'PYEOF' 2>/dev/null
+import importlib, sys
+for name in ("numpy", "pytest", "pytest_mpi", "pytest_timeout", "setuptools", "wheel", "pybind11",
+             "hypothesis"):
+    importlib.import_module(name)
+import mpi4py
+sys.exit(int(mpi4py.__version__.split(".")[0]) < 4)
+PYEOF
+then
+  pip_install numpy "mpi4py>=4.0" pytest pytest-mpi pytest-timeout hypothesis setuptools wheel pybind11
+fi
 
 # The CUDA core builds wherever nvcc is: NVSHMEM comes from its wheel (version of the GPU image).
+have_nvcc=0
 if command -v nvcc >/dev/null || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
+  have_nvcc=1
   $PY -c "import nvidia.nvshmem" 2>/dev/null || pip_install "nvidia-nvshmem-cu13==3.4.5"
-  export MPIEP_BUILD_CORE=${MPIEP_BUILD_CORE:-1}
-  say "nvcc found: building the CUDA core too (a few minutes on 2 cores)"
 fi
-pip_install --no-build-isolation --no-deps -e .
+# `pip install -e .` recompiles the whole core each time (minutes): skip it when mpiep is
+# installed from this checkout and the core was built from the sources as they are now
+# (scripts/core_stamp.py); install without rebuilding when only the install is missing.
+here=$($PY -c "import mpiep, pathlib; print(pathlib.Path(mpiep.__file__).resolve().parent)" \
+  2>/dev/null || true)
+core_current=1
+if (( have_nvcc )); then $PY scripts/core_stamp.py check || core_current=0; fi
+if [[ $here == "$(pwd -P)/python/mpiep" ]] && (( core_current )); then
+  say "mpiep is installed from this checkout$( ((have_nvcc)) && echo ' and its CUDA core is current'): nothing to build"
+else
+  if (( have_nvcc && !core_current )); then
+    export MPIEP_BUILD_CORE=${MPIEP_BUILD_CORE:-1}
+    say "nvcc found: building the CUDA core too (a few minutes on 2 cores)"
+  elif (( have_nvcc )); then
+    export MPIEP_BUILD_CORE=0
+    say "the CUDA core is current (scripts/core_stamp.py): installing without rebuilding it"
+  fi
+  pip_install --no-build-isolation --no-deps -e .
+  if (( have_nvcc && !core_current )); then $PY scripts/core_stamp.py write || true; fi
+fi
 $PY -c "import mpiep; from mpi4py import MPI; print('[mpiep setup] mpiep', mpiep.__version__, 'with', MPI.Get_library_version().splitlines()[0])"

@@ -61,3 +61,21 @@ def test_bench_quick_on_two_ranks(tmp_path: Path) -> None:
     assert len(rows) == 6
     assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]
     assert all(r["time"]["median_us"] > 0 and r["logical_gbps"] > 0 for r in rows)
+    # CPU runs time a raw MPI Alltoallv of each case's rows alongside (the floor)
+    assert all(r["extra"]["floor_us"] > 0 for r in rows), [r["extra"] for r in rows]
+    assert "MPI floor" in proc.stdout and "x floor" in proc.stdout
+
+
+def test_table_units() -> None:
+    from mpiep.bench.report import format_gbps, format_time
+
+    assert format_time(12.345) == "12.3 us"
+    assert format_time(999.0) == "999 us"
+    assert format_time(1234.0) == "1.23 ms"
+    assert format_time(168_295.3) == "168 ms"
+    assert format_time(1_132_931.6) == "1.13 s"
+    assert format_time(0.0) == "-"
+    assert format_gbps(0.3) == "0.300"  # two significant figures at least
+    assert format_gbps(0.0123) == "0.0123"
+    assert format_gbps(42.0) == "42.0"
+    assert format_gbps(230.4) == "230"

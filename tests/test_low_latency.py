@@ -289,6 +289,24 @@ def test_low_latency_full_capacity(
     _ll_body(comm, rng, make_buffer, 7168, 8, "skewed", mode, base_tokens=MAX_TOKENS)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("pattern", oracle.ROUTING_PATTERNS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_low_latency_staged_path(
+    comm: MPI.Comm,
+    rng: np.random.Generator,
+    make_buffer: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    pattern: str,
+) -> None:
+    """The packed Ialltoallv path that CUDA tensors take, run on CPU tensors."""
+    from mpiep.backends.reference import low_latency
+
+    monkeypatch.setattr(low_latency, "IN_PLACE", False)
+    _ll_body(comm, rng, make_buffer, 2048, 8, pattern, mode)
+
+
 def _ll_body(
     group: MPI.Comm,
     rng: np.random.Generator,

@@ -11,7 +11,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mpiep.bench.cases import QUICK, SMALL, STANDARD, Shape, sweep
@@ -26,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "fastest backend available (GPU kernels when GPUs and the compiled core are "
             "present, else the reference backend on CPU tensors). Results are checked against "
             "a local recomputation first. With GPUs, an NCCL all_to_all of the same bytes is "
-            "timed alongside. Run one rank per GPU under mpirun/mpiexec/srun."
+            "timed alongside; on CPUs, a raw MPI Alltoallv of each case's bytes (the floor). "
+            "Run one rank per GPU under mpirun/mpiexec/srun."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-nccl", action="store_true", help="skip the NCCL baseline")
     p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the MPI floor (a raw Alltoallv of each case's bytes, CPU runs)",
+    )
+    p.add_argument(
         "--no-hooks",
         action="store_true",
         help="skip the low-latency send-phase row timed with receive hooks (GPUs)",
@@ -87,6 +92,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _share_cores(comm: object) -> None:
+    """CPU runs: give each rank its share of this node's cores as torch threads. Four ranks
+    on two cores with torch's default (a thread per core each) spend their time preempting
+    each other's OpenMP threads. OMP_NUM_THREADS, when set, wins."""
+    import os
+
+    import torch
+    from mpi4py import MPI
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    assert isinstance(comm, MPI.Comm)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local = node.Get_size()
+    node.Free()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+
+
 def _shapes(args: argparse.Namespace) -> list[Shape]:
     name = "quick" if args.quick else args.shapes
     base = {"standard": STANDARD, "small": SMALL, "quick": QUICK, "all": STANDARD + SMALL}[name]
@@ -110,11 +133,13 @@ def run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
     from mpiep.bench import nccl
-    from mpiep.bench.report import FOOTNOTE, format_table
+    from mpiep.bench.report import FOOTNOTE, Progress, format_table
     from mpiep.bench.run import Settings, rows_json, run_low_latency, run_normal
 
     comm = MPI.COMM_WORLD
     on_gpu = torch.cuda.is_available() and args.backend != "reference"
+    if not on_gpu:
+        _share_cores(comm)
     settings = Settings(
         warmup=args.warmup if args.warmup is not None else (1 if args.quick or not on_gpu else 5),
         iters=args.iters
@@ -126,20 +151,20 @@ def run(args: argparse.Namespace) -> int:
         hooks=not args.no_hooks,
         backend=args.backend,
         num_sms=args.num_sms,
+        floor=not args.no_floor,
     )
+    progress = Progress() if comm.rank == 0 else None
+    if progress is not None:
+        settings.progress = progress.step
     shapes = _shapes(args)
     rows = []
-    started = time.perf_counter()
     for i, shape in enumerate(shapes):
-        if comm.rank == 0:
-            print(
-                f"[{i + 1}/{len(shapes)}] {shape.mode} {shape.label} "
-                f"({time.perf_counter() - started:.0f}s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        if progress is not None:
+            progress.shape(i + 1, len(shapes), f"{shape.mode} {shape.label}")
         runner = run_normal if shape.mode == "normal" else run_low_latency
         rows += runner(comm, shape, settings)
+    if progress is not None:
+        progress.close()
     nccl.shutdown()
 
     backends = sorted({str(r.extra.get("backend")) for r in rows if r.extra.get("backend")})

@@ -1,6 +1,10 @@
-"""The benchmark table, printed by rank 0."""
+"""The benchmark table, printed by rank 0, and the progress line while it runs."""
 
 from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
 
 from mpiep.bench.run import Row
 
@@ -10,24 +14,96 @@ FOOTNOTE = (
     "Row bytes: BF16 H*2; FP8 H + H/128*4 (scales); low latency: one row per (token, expert).\n"
     "Times (slowest rank's): median/min = back-to-back calls in batches after one barrier,\n"
     "per call (GPUs: batches of 10); synced = one call right after an MPI barrier;\n"
-    "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler)."
+    "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler).\n"
+    "MPI floor (CPU runs) = median of a raw mpi4py Alltoallv of the same rows between the\n"
+    "same ranks, in this run; x floor = median / MPI floor."
 )
+
+
+def format_time(us: float) -> str:
+    """A time with its unit (us, ms or s) and three significant figures."""
+    if us <= 0:
+        return "-"
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if us >= scale:
+            return f"{_sig(us / scale)} {unit}"
+    return f"{_sig(us)} us"
+
+
+def format_gbps(gbps: float) -> str:
+    """GB/s with at least two significant figures (three below 100)."""
+    return "-" if gbps <= 0 else _sig(gbps)
+
+
+def _sig(v: float) -> str:
+    """Three significant figures, no exponent: 0.0123, 1.26, 42.9, 168, 1130."""
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:#.3g}" if v >= 0.001 else f"{v:.2e}"
 
 
 def format_table(title: str, rows: list[Row]) -> str:
     kernels = any(r.time.get("kernel_us", 0.0) > 0 for r in rows)
-    header = (
-        f"{'case':<44} {'shape':<30} {'median us':>10} {'min us':>9} {'synced us':>10} "
-        + (f"{'kernel us':>10} " if kernels else "")
-        + f"{'logical GB/s':>12} {'nvlink GB/s':>11}  check"
-    )
-    lines = [title, header, "-" * len(header)]
+    floors = any(r.extra.get("floor_us") for r in rows)
+    cols = [("case", 44, "<"), ("shape", 30, "<"), ("median", 9, ">"), ("min", 9, ">")]
+    cols.append(("synced", 9, ">"))
+    if kernels:
+        cols.append(("kernel", 9, ">"))
+    if floors:
+        cols += [("MPI floor", 9, ">"), ("x floor", 7, ">")]
+    cols += [("logical GB/s", 12, ">"), ("nvlink GB/s", 11, ">"), ("check", 0, "<")]
+
+    def line(values: list[str]) -> str:
+        return " ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(values, cols, strict=True)).rstrip()
+
+    header = line([name for name, _, _ in cols])
+    out = [title, header, "-" * len(header)]
     for r in rows:
         t = r.time
-        lines.append(
-            f"{r.case:<44} {r.shape.label:<30} {t['median_us']:>10.1f} {t['min_us']:>9.1f} "
-            f"{t.get('synced_us', 0.0):>10.1f} "
-            + (f"{t.get('kernel_us', 0.0):>10.1f} " if kernels else "")
-            + f"{r.gbps('logical'):>12.2f} {r.gbps('nvlink'):>11.2f}  {r.check}"
-        )
-    return "\n".join(lines)
+        cells = [r.case, r.shape.label, format_time(t["median_us"]), format_time(t["min_us"])]
+        cells.append(format_time(t.get("synced_us", 0.0)))
+        if kernels:
+            cells.append(format_time(t.get("kernel_us", 0.0)))
+        if floors:
+            floor = float(r.extra.get("floor_us", 0.0) or 0.0)
+            ratio = t["median_us"] / floor if floor else 0.0
+            cells += [format_time(floor), f"{ratio:.2f}" if ratio else "-"]
+        cells += [format_gbps(r.gbps("logical")), format_gbps(r.gbps("nvlink")), r.check]
+        out.append(line(cells))
+    return "\n".join(out)
+
+
+class Progress:
+    """One status line, rewritten in place on a terminal; plain lines per shape elsewhere."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.started = time.perf_counter()
+        self.prefix = ""
+        self.width = 0
+
+    def shape(self, index: int, total: int, label: str) -> None:
+        self.prefix = f"[{index}/{total}] {label}"
+        if not self.live:
+            print(f"{self.prefix} ({self.elapsed():.0f}s elapsed)", file=self.stream, flush=True)
+        else:
+            self._show(self.prefix)
+
+    def step(self, case: str, done: int, total: int) -> None:
+        if self.live:
+            self._show(f"{self.prefix}  {case}: {done}/{total}  ({self.elapsed():.0f}s elapsed)")
+
+    def close(self) -> None:
+        if self.live and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def _show(self, text: str) -> None:
+        pad = max(self.width - len(text), 0)
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self.width = len(text)

@@ -19,7 +19,8 @@ from mpiep import Buffer, get_low_latency_rdma_size_hint, get_normal_buffer_size
 from mpiep.bench import nccl
 from mpiep.bench.cases import Shape
 from mpiep.bench.data import make_routing, make_x, token_rows
-from mpiep.bench.timing import kernel_time_us, time_call
+from mpiep.bench.floor import alltoallv_fn, rows_to
+from mpiep.bench.timing import kernel_time_us, time_call, time_interleaved
 from mpiep.fp8 import per_token_cast_to_fp8
 
 
@@ -53,6 +54,8 @@ class Settings:
     num_sms: int | None
     kernel_times: bool = False
     hooks: bool = True
+    floor: bool = True  # time a raw MPI Alltoallv of each case's bytes (CPU runs)
+    progress: Callable[[str, int, int], None] | None = None  # (case, done, total) on rank 0
 
 
 def _mean(comm: MPI.Comm, value: float) -> float:
@@ -120,19 +123,24 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
         return _mean(comm, row * rows)
 
     bf16_row, fp8_row = shape.hidden * 2, shape.hidden + shape.hidden // 128 * 4
-    timings: list[tuple[str, Callable[[], object], float, float]] = [
-        ("dispatch bf16", lambda: buf.dispatch(x, **layout), bf16_row, bf16_row),
-        ("dispatch fp8", lambda: buf.dispatch(x_fp8, **layout), fp8_row, fp8_row),
+    sent, got = rows_to(per_rank), rows_to(handle.num_recv_per_src)
+    timings: list[tuple[str, Callable[[], object], int, list[int], list[int]]] = [
+        ("dispatch bf16", lambda: buf.dispatch(x, **layout), bf16_row, sent, got),
+        ("dispatch fp8", lambda: buf.dispatch(x_fp8, **layout), fp8_row, sent, got),
         (
             "combine bf16",
             lambda: buf.combine(recv_x, handle, topk_weights=recv_w),
             bf16_row,
-            bf16_row,
+            got,
+            sent,
         ),
     ]
     rows = []
-    for name, fn, row_bytes, _ in timings:
-        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times)
+    for name, fn, row_bytes, send_rows, recv_rows in timings:
+        t, extra = _time_with_floor(
+            f"normal {name}", fn, comm, dev, s, send_rows, recv_rows, row_bytes
+        )
+        extra["backend"] = buf.backend_name
         rows.append(
             Row(
                 f"normal {name}",
@@ -141,13 +149,51 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
                 nbytes(row_bytes, n_recv),
                 nbytes(row_bytes, n_recv - n_self),
                 check,
-                {"backend": buf.backend_name},
+                extra,
             )
         )
     if s.nccl and dev.type == "cuda":
         rows += _nccl_rows(comm, buf, shape, per_rank, handle.num_recv_per_src, bf16_row, s)
     buf.destroy()
     return rows
+
+
+def _time(
+    case: str, fn: Callable[[], object], comm: MPI.Comm, dev: torch.device, s: Settings
+) -> dict[str, float]:
+    def step(done: int, total: int) -> None:
+        if s.progress is not None:
+            s.progress(case, done, total)
+
+    return time_call(
+        fn, comm, dev, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times, step=step
+    )
+
+
+def _time_with_floor(
+    case: str,
+    fn: Callable[[], object],
+    comm: MPI.Comm,
+    dev: torch.device,
+    s: Settings,
+    send_rows: list[int],
+    recv_rows: list[int],
+    row_bytes: int,
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Time a case; on CPUs also its MPI floor, a raw Alltoallv of the same rows between
+    the same ranks, timed in alternation with the case. Returns (times, extra fields)."""
+    extra: dict[str, object] = {}
+    if not s.floor or dev.type == "cuda":
+        return _time(case, fn, comm, dev, s), extra
+    floor = alltoallv_fn(comm, send_rows, recv_rows, row_bytes)
+
+    def step(done: int, total: int) -> None:
+        if s.progress is not None:
+            s.progress(f"{case} + MPI floor", done, total)
+
+    t, tf = time_interleaved([fn, floor], comm, s.warmup, s.iters, s.budget_s, step=step)
+    extra["floor_us"] = tf["median_us"]
+    return t, extra
 
 
 def _nccl_rows(
@@ -173,9 +219,7 @@ def _nccl_rows(
         ]
     send_rows, recv_rows = send.cpu().tolist(), recv.cpu().tolist()
     fn = nccl.all_to_all_fn(send_rows, recv_rows, row_bytes, buf.device)
-    t = time_call(
-        fn, comm, buf.device, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times
-    )
+    t = _time("nccl all_to_all", fn, comm, buf.device, s)
     total = sum(recv_rows) * row_bytes
     remote = total - recv_rows[buf.rank] * row_bytes
     return [
@@ -249,17 +293,25 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
     pairs = int(count.sum())
     pairs_self = int(sum(int(handle.layout_range[e, rank, 1]) for e in range(e_local)))
     fp8_row, bf16_row = H + H // 128 * 4, H * 2
+    valid = topk_idx[topk_idx >= 0]
+    sent = rows_to(torch.bincount(valid.cpu() // e_local, minlength=R))
+    got = rows_to(handle.layout_range[:, :, 1].sum(0))
     rows = []
-    for name, fn, row_bytes in (
-        ("dispatch fp8", lambda: dispatch(True), fp8_row),
-        ("dispatch bf16", lambda: dispatch(False), bf16_row),
+    for name, fn, row_bytes, send_rows, recv_rows in (
+        ("dispatch fp8", lambda: dispatch(True), fp8_row, sent, got),
+        ("dispatch bf16", lambda: dispatch(False), bf16_row, sent, got),
         (
             "combine bf16",
             lambda: buf.low_latency_combine(recv_bf16, topk_idx, weights, handle),
             bf16_row,
+            got,
+            sent,
         ),
     ):
-        t = time_call(fn, comm, dev, s.warmup, s.iters, s.budget_s, profile_kernels=s.kernel_times)
+        t, extra = _time_with_floor(
+            f"low-latency {name}", fn, comm, dev, s, send_rows, recv_rows, row_bytes
+        )
+        extra["backend"] = buf.backend_name
         rows.append(
             Row(
                 f"low-latency {name}",
@@ -268,7 +320,7 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
                 _mean(comm, pairs * row_bytes),
                 _mean(comm, (pairs - pairs_self) * row_bytes),
                 check,
-                {"backend": buf.backend_name},
+                extra,
             )
         )
     if dev.type == "cuda" and s.hooks:

@@ -46,13 +46,17 @@ def time_call(
     budget_s: float,
     batch: int | None = None,
     profile_kernels: bool = True,
+    step: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Time ``fn``; stops early once ``budget_s`` is spent (rank 0 decides, so that all
     ranks run the same calls). ``batch`` calls per throughput sample (default: 10 on
     GPUs, 1 on CPUs, where a call is long enough on its own). ``profile_kernels=False`` for
-    calls that must not run 10 more times in a row (sends whose hooks are still pending)."""
+    calls that must not run 10 more times in a row (sends whose hooks are still pending).
+    ``step(done, total)`` is told of each timed call (a progress line)."""
     if batch is None:
         batch = 10 if device.type == "cuda" else 1
+    if step is not None:
+        step(0, iters)
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -66,6 +70,8 @@ def time_call(
         if batch > 1:
             comm.Barrier()
             batched.append(comm.allreduce(_elapsed_us(fn, batch, device) / batch, op=MPI.MAX))
+        if step is not None:
+            step(i + 1, iters)
         out_of_time = time.perf_counter() - started > budget_s and i >= 1
         if comm.bcast(out_of_time, root=0):
             break
@@ -128,3 +134,45 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         print(f"mpiep bench: {message}", file=sys.stderr)
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]],
+    comm: MPI.Comm,
+    warmup: int,
+    iters: int,
+    budget_s: float,
+    step: Callable[[int, int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Time CPU calls in turn (a, b, a, b, ...), each right after a barrier, slowest rank's.
+
+    For a call and its MPI floor: both see the same load from whatever else runs on the
+    machine, so their ratio holds even when absolute times drift."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    started = time.perf_counter()
+    if step is not None:
+        step(0, iters)
+    for i in range(iters):
+        for fn, out in zip(fns, samples, strict=True):
+            comm.Barrier()
+            out.append(comm.allreduce(_elapsed_us(fn, 1, torch.device("cpu")), op=MPI.MAX))
+        if step is not None:
+            step(i + 1, iters)
+        out_of_time = time.perf_counter() - started > budget_s and i >= 1
+        if comm.bcast(out_of_time, root=0):
+            break
+    return [
+        {
+            "kernel_us": 0.0,
+            "median_us": statistics.median(s),
+            "min_us": min(s),
+            "max_us": max(s),
+            "synced_us": statistics.median(s),
+            "iters": len(s),
+            "batch": 1,
+        }
+        for s in samples
+    ]
