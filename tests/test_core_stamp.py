@@ -32,10 +32,14 @@ def _run(root: Path, command: str, **env: str) -> int:
 
 def test_stamp_tracks_sources_settings_and_the_built_core(tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    core = root / "python" / "mpiep" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    core = root / "python" / "mpiep" / f"_C{suffix}"
+    ops = root / "python" / "mpiep" / f"_ops{suffix}"
     assert _run(root, "check") == 1  # never built
     assert _run(root, "write") == 1  # nothing to record without a built core
     core.write_bytes(b"\x7fELF")
+    assert _run(root, "write") == 1  # the core without its torch op layer is no build
+    ops.write_bytes(b"\x7fELF")
     assert _run(root, "write") == 0
     assert _run(root, "check") == 0
     assert _run(root, "check", MPIEP_CUDA_ARCH="sm_100") == 1  # other build settings
@@ -45,5 +49,9 @@ def test_stamp_tracks_sources_settings_and_the_built_core(tmp_path: Path) -> Non
     (root / "src" / "kernels" / "b.cu").write_text("\n")
     assert _run(root, "check") == 1  # a new source file
     assert _run(root, "write") == 0
+    ops.unlink()
+    assert _run(root, "check") == 1  # the op layer is gone
+    ops.write_bytes(b"\x7fELF")
+    assert _run(root, "check") == 0
     core.unlink()
     assert _run(root, "check") == 1  # the built core is gone
