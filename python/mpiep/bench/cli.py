@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="token-count sweep (normal 128..8192, low latency 1..256)",
     )
     p.add_argument("--backend", choices=["auto", "cuda", "reference"], default="auto")
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        help="treat every N consecutive ranks as one node (virtual nodes: the internode path "
+        "on one host; sets MPIEP_RANKS_PER_NODE)",
+    )
     p.add_argument("--num-sms", type=int, help="SMs for the normal-mode kernels")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (at most)")
@@ -137,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     from mpiep.bench.run import Settings, rows_json, run_low_latency, run_normal
 
     comm = MPI.COMM_WORLD
+    if args.ranks_per_node:
+        import os
+
+        os.environ["MPIEP_RANKS_PER_NODE"] = str(args.ranks_per_node)  # every Buffer below
     on_gpu = torch.cuda.is_available() and args.backend != "reference"
     if not on_gpu:
         _share_cores(comm)

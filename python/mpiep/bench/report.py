@@ -10,11 +10,13 @@ from mpiep.bench.run import Row
 
 FOOTNOTE = (
     "GB/s = bytes received per rank / median time (mean over ranks). logical: all rows\n"
-    "received, the rank's own included (DeepEP's count); nvlink: rows from other GPUs only.\n"
+    "received, the rank's own included (DeepEP's count); nvlink: rows other GPUs of the node\n"
+    "write into it; rdma (several nodes): rows it receives over RDMA as its node's forwarder.\n"
     "Row bytes: BF16 H*2; FP8 H + H/128*4 (scales); low latency: one row per (token, expert).\n"
     "Times (slowest rank's): median/min = back-to-back calls in batches after one barrier,\n"
     "per call (GPUs: batches of 10); synced = one call right after an MPI barrier;\n"
-    "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler).\n"
+    "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler);\n"
+    "host = median - kernel, what the call costs beyond its kernels.\n"
     "MPI floor (CPU runs) = median of a raw mpi4py Alltoallv of the same rows between the\n"
     "same ranks, in this run; x floor = median / MPI floor."
 )
@@ -45,13 +47,17 @@ def _sig(v: float) -> str:
 def format_table(title: str, rows: list[Row]) -> str:
     kernels = any(r.time.get("kernel_us", 0.0) > 0 for r in rows)
     floors = any(r.extra.get("floor_us") for r in rows)
+    rdma = any(r.rdma_bytes for r in rows)
     cols = [("case", 44, "<"), ("shape", 30, "<"), ("median", 9, ">"), ("min", 9, ">")]
     cols.append(("synced", 9, ">"))
     if kernels:
-        cols.append(("kernel", 9, ">"))
+        cols += [("kernel", 9, ">"), ("host", 9, ">")]
     if floors:
         cols += [("MPI floor", 9, ">"), ("x floor", 7, ">")]
-    cols += [("logical GB/s", 12, ">"), ("nvlink GB/s", 11, ">"), ("check", 0, "<")]
+    cols += [("logical GB/s", 12, ">"), ("nvlink GB/s", 11, ">")]
+    if rdma:
+        cols.append(("rdma GB/s", 9, ">"))
+    cols.append(("check", 0, "<"))
 
     def line(values: list[str]) -> str:
         return " ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(values, cols, strict=True)).rstrip()
@@ -63,12 +69,17 @@ def format_table(title: str, rows: list[Row]) -> str:
         cells = [r.case, r.shape.label, format_time(t["median_us"]), format_time(t["min_us"])]
         cells.append(format_time(t.get("synced_us", 0.0)))
         if kernels:
-            cells.append(format_time(t.get("kernel_us", 0.0)))
+            kernel = t.get("kernel_us", 0.0)
+            cells.append(format_time(kernel))
+            cells.append(format_time(t["median_us"] - kernel if kernel else 0.0))
         if floors:
             floor = float(r.extra.get("floor_us", 0.0) or 0.0)
             ratio = t["median_us"] / floor if floor else 0.0
             cells += [format_time(floor), f"{ratio:.2f}" if ratio else "-"]
-        cells += [format_gbps(r.gbps("logical")), format_gbps(r.gbps("nvlink")), r.check]
+        cells += [format_gbps(r.gbps("logical")), format_gbps(r.gbps("nvlink"))]
+        if rdma:
+            cells.append(format_gbps(r.gbps("rdma")))
+        cells.append(r.check)
         out.append(line(cells))
     return "\n".join(out)
 

@@ -2,7 +2,9 @@
 
 Bytes are counted per receiving rank and reported as GB/s = bytes / time:
 - logical: every row a rank receives (its own rows included), as DeepEP counts;
-- nvlink: only rows that cross to another GPU (low-latency: only other ranks' pairs).
+- nvlink: only rows another GPU of the node writes into it (low-latency: other ranks' pairs);
+- rdma (normal mode on several nodes): rows it receives over RDMA as its node's forwarder
+  (bench/topology.py).
 A normal dispatch row is H x element size (+ H/128 x 4 scale bytes for FP8); a
 combine row is H x 2. Low-latency counts one row per (token, expert) pair.
 """
@@ -21,6 +23,8 @@ from mpiep.bench.cases import Shape
 from mpiep.bench.data import make_routing, make_x, token_rows
 from mpiep.bench.floor import alltoallv_fn, rows_to
 from mpiep.bench.timing import kernel_time_us, time_call, time_interleaved
+from mpiep.bench.topology import ranks_per_node, row_counts
+from mpiep.config import get_internode_rdma_size_hint
 from mpiep.fp8 import per_token_cast_to_fp8
 
 
@@ -33,14 +37,21 @@ class Row:
     nvlink_bytes: float
     check: str
     extra: dict[str, object] = field(default_factory=dict)
+    rdma_bytes: float = 0.0  # mean over ranks: rows received over RDMA (normal mode, nodes > 1)
 
     def gbps(self, which: str) -> float:
-        nbytes = self.logical_bytes if which == "logical" else self.nvlink_bytes
+        nbytes = {"logical": self.logical_bytes, "nvlink": self.nvlink_bytes}.get(
+            which, self.rdma_bytes
+        )
         return nbytes / (self.time["median_us"] * 1e3) if self.time["median_us"] else 0.0
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["logical_gbps"], d["nvlink_gbps"] = self.gbps("logical"), self.gbps("nvlink")
+        d["rdma_gbps"] = self.gbps("rdma")
+        kernel = self.time.get("kernel_us", 0.0)
+        if kernel:  # whole call minus its kernels: the host's share
+            d["host_us"] = self.time["median_us"] - kernel
         return d
 
 
@@ -74,7 +85,11 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
     if s.num_sms:
         Buffer.set_num_sms(s.num_sms)
     nvl = get_normal_buffer_size_hint(shape.tokens, shape.hidden, comm.size, shape.topk)
-    buf = Buffer(comm, num_nvl_bytes=nvl, backend=s.backend, validate=False)
+    rpn = ranks_per_node(comm)
+    rdma = 0
+    if rpn < comm.size:  # several nodes: the internode kernels need their RDMA buffer too
+        rdma = get_internode_rdma_size_hint(shape.tokens, shape.hidden, comm.size, rpn, shape.topk)
+    buf = Buffer(comm, num_nvl_bytes=nvl, num_rdma_bytes=rdma, backend=s.backend, validate=False)
     dev, rank, R = buf.device, buf.rank, buf.group_size
     x = make_x(rank, shape.tokens, shape.hidden, dev)
     topk_idx, weights = make_routing(rank, shape.tokens, shape.experts, shape.topk, dev)
@@ -117,7 +132,7 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
     check = _verdict(comm, problems)
 
     n_recv = recv_x.shape[0]
-    n_self = int(handle.num_recv_per_src[rank])
+    rdma_rows, nvlink_rows = row_counts(comm, per_rank, per_rdma, rpn)
 
     def nbytes(row: float, rows: int) -> float:
         return _mean(comm, row * rows)
@@ -147,9 +162,10 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
                 shape,
                 t,
                 nbytes(row_bytes, n_recv),
-                nbytes(row_bytes, n_recv - n_self),
+                nbytes(row_bytes, nvlink_rows),
                 check,
                 extra,
+                rdma_bytes=nbytes(row_bytes, rdma_rows),
             )
         )
     if s.nccl and dev.type == "cuda":
