@@ -81,7 +81,9 @@ def dispatch(
         src_token_idx=src,
         layout_range=layout,
         num_tokens=x.shape[0],
-        backend_state={"active": tuple(active)},
+        # The smaller group's own state (the reference backend keeps its receive flag and
+        # source slots there): combine hands it back to that backend.
+        backend_state={"active": tuple(active), "sub_state": sub.handle.backend_state},
     )
     return LowLatencyDispatchResult(recv_x, scales, sub.recv_count, handle, hook)
 
@@ -98,13 +100,23 @@ def combine(
     """``x`` is full-size ``[E/R, R*M, H]``; the rows of masked sources are not sent back."""
     active = mask.active
     e_local = handle.num_experts // mask.full.size
+    src, state = handle.src_token_idx, handle.backend_state
+    if "sub_state" in state:
+        # The dispatch ran masked: the active sources' rows are packed first (its spread)
+        # and the smaller group's backend kept its own state for them.
+        sub_rows = len(active) * handle.num_max_dispatch_tokens_per_rank
+        x, src = x[:, :sub_rows].contiguous(), src[:, :sub_rows].contiguous()
+        state = state["sub_state"]
+    # Else the dispatch ran on every rank: full-size rows and state; the active sources'
+    # ranges of the layout say where their rows are.
     sub_handle = LowLatencyHandle(
         num_max_dispatch_tokens_per_rank=handle.num_max_dispatch_tokens_per_rank,
         hidden=handle.hidden,
         num_experts=e_local * len(active),
-        src_token_idx=handle.src_token_idx,
+        src_token_idx=src,
         layout_range=handle.layout_range[:, active].contiguous(),
         num_tokens=handle.num_tokens,
+        backend_state=state,
     )
     return mask.backend.low_latency_combine(  # type: ignore[union-attr]
         x,

@@ -174,6 +174,12 @@ class Exchange:
         self._types.clear()
 
     def __del__(self) -> None:
-        # A safety net: an exchange dropped with requests pending keeps its buffers.
-        if not getattr(self, "done", True) and getattr(self, "_requests", None):
-            _GRAVEYARD.append(self)
+        # A safety net: an exchange dropped with requests pending keeps its buffers. (At
+        # interpreter exit the module's globals may already be gone: nothing to keep then.)
+        graves = globals().get("_GRAVEYARD")
+        if (
+            graves is not None
+            and not getattr(self, "done", True)
+            and getattr(self, "_requests", None)
+        ):
+            graves.append(self)

@@ -166,7 +166,9 @@ def combine(
     comm, device = backend.comm, backend.device
     num_ranks = comm.size
     epr = handle.num_experts // num_ranks
-    rows_per_expert = num_ranks * handle.num_max_dispatch_tokens_per_rank
+    # Rows per expert as the dispatch laid them out: R * M, or the full group's when a
+    # masked combine (masked_ll.py) sends a full-size handle's rows over fewer ranks.
+    rows_per_expert = int(y.shape[1])
     hidden = handle.hidden
     tokens, num_topk = topk_idx.shape
     if not handle.backend_state.get("received", False):
