@@ -58,11 +58,7 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   InternodeRuntime& rt = runtime_at(runtime);
   const Topology& tp = rt.topology();
   const int R = tp.num_ranks, N = tp.num_nodes, L = tp.local_ranks;
-  if (!x.is_cuda() || x.dim() != 2 || !x.is_contiguous())
-    bad_arg("x must be a contiguous 2-D CUDA tensor");
-  const int64_t T = x.size(0), H = x.size(1), hidden_bytes = H * x.element_size();
-  if (hidden_bytes % 16 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    bad_arg("x: rows must be 16-byte multiples and aligned (hidden=" + std::to_string(H) + ")");
+  const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const int num_topk = (!cached && topk_idx) ? static_cast<int>(topk_idx->size(1)) : 0;
@@ -173,11 +169,7 @@ std::tuple<at::Tensor, OptTensor> internode_combine(int64_t runtime, const at::T
                                                     int64_t chunk) {
   InternodeRuntime& rt = runtime_at(runtime);
   if (state.size() != kStateCount) bad_arg("handle: not an internode dispatch handle");
-  check(x, "x", at::kBFloat16, 2);
-  const int64_t H = x.size(1);
-  if (H % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    bad_arg("combine: hidden (" + std::to_string(H) +
-            ") must be a multiple of 8 and x 16-byte aligned");
+  const int64_t H = combine_hidden_of(x);
   const int K = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
   if (topk_weights) check(*topk_weights, "topk_weights", at::kFloat, 2);
   check_bias(bias0, "bias[0]", num_tokens, H);

@@ -75,16 +75,6 @@ void check_fit(const std::vector<int64_t>& rows_per_rank, int64_t row_bytes, int
   }
 }
 
-int64_t hidden_bytes_of(const at::Tensor& x) {
-  if (!x.is_cuda()) bad_arg("x must be a CUDA tensor");
-  if (x.dim() != 2 || !x.is_contiguous()) bad_arg("x must be a contiguous 2-D tensor");
-  const int64_t hb = x.size(1) * x.element_size();
-  if (hb % 16 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    bad_arg("x: rows must be 16-byte multiples and aligned (hidden=" + std::to_string(x.size(1)) +
-            ")");
-  return hb;
-}
-
 }  // namespace
 
 DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTensor& x_scales,
@@ -94,7 +84,7 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                                int64_t num_sms) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks(), me = rt.rank();
-  const int64_t hidden_bytes = hidden_bytes_of(x), T = x.size(0), H = x.size(1);
+  const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const at::Device dev = x.device();
@@ -185,11 +175,7 @@ std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::T
                                                     int64_t num_tokens, int64_t num_sms) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks();
-  check(x, "x", at::kBFloat16, 2);
-  const int64_t H = x.size(1);
-  if (H % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    bad_arg("combine: hidden (" + std::to_string(H) +
-            ") must be a multiple of 8 and x 16-byte aligned");
+  const int64_t H = combine_hidden_of(x);
   const int K = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
   if (topk_weights) check(*topk_weights, "topk_weights", at::kFloat, 2);
   check_bias(bias0, "bias[0]", num_tokens, H);

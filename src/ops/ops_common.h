@@ -45,6 +45,29 @@ inline cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(s.native_handle());
 }
 
+// The dispatch input of normal mode: a contiguous 2-D CUDA tensor whose rows are 16-byte
+// multiples on a 16-byte boundary (the kernels copy 16 bytes at a time). Returns row bytes.
+inline int64_t dispatch_row_bytes_of(const at::Tensor& x) {
+  if (!x.is_cuda()) bad_arg("x must be a CUDA tensor");
+  if (x.dim() != 2 || !x.is_contiguous()) bad_arg("x must be a contiguous 2-D tensor");
+  const int64_t hb = x.size(1) * x.element_size();
+  if (hb % 16 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
+    bad_arg("x: rows must be 16-byte multiples and aligned (hidden=" + std::to_string(x.size(1)) +
+            ")");
+  return hb;
+}
+
+// The combine input of normal mode: contiguous 2-D BF16, hidden a multiple of 8 (one 16-byte
+// load), 16-byte aligned. Returns hidden.
+inline int64_t combine_hidden_of(const at::Tensor& x) {
+  check(x, "x", at::kBFloat16, 2);
+  const int64_t H = x.size(1);
+  if (H % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
+    bad_arg("combine: hidden (" + std::to_string(H) +
+            ") must be a multiple of 8 and x 16-byte aligned");
+  return H;
+}
+
 // Optional bias of combine: bf16 [T, H], contiguous.
 inline void check_bias(const std::optional<at::Tensor>& b, const char* name, int64_t T, int64_t H) {
   if (!b) return;

@@ -174,10 +174,11 @@ class LowLatencyEngine:
                 raise RuntimeError(
                     f"this low-latency {op} receive hook is from before clean_low_latency_buffer"
                 )
-            self.check()
+            # The native receive call raises a recorded peer timeout before it launches, so
+            # a failed hook is not consumed (and its buffer stays taken).
+            recv()
             called = True
             pending[buffer] = False
-            recv()
 
         return hook
 
