@@ -1,0 +1,211 @@
+# ruff: noqa: B023  (each timed closure runs inside the iteration that defines it)
+"""Where the host microseconds of a call go, layer by layer (issue 10's profile).
+
+For each operation, the host time of one call (perf_counter around the call, GPU idle
+before it, so nothing blocks on a full launch queue), median over many calls, at each
+layer of the stack:
+
+- ``op``: the native op alone (``mpiep._ops``: checks, allocation, launch),
+- ``engine``: the CUDA backend's engine (``backends/cuda_*.py``),
+- ``buffer``: the public ``Buffer`` method, as users call it.
+
+Then a cProfile of the Buffer calls (``--cprofile``), and a torch-profiler trace summary
+(``--trace DIR``). Run with one rank (``mpirun -np 1 python scripts/host_profile.py``) or
+several under MPS; rank 0 prints a JSON line per row and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from mpi4py import MPI
+
+from mpiep import Buffer
+from mpiep.config import get_low_latency_rdma_size_hint
+
+
+def host_us(fn: Callable[[], object], n: int, after: Callable[[], None] | None = None) -> float:
+    """Median host time of ``fn()`` with the GPU idle before each call."""
+    samples = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+        if after is not None:
+            after()
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def stream_us(fn: Callable[[], object], n: int) -> float:
+    """Back-to-back time per call on the stream (CUDA events around n calls)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=288)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--normal-tokens", type=str, default="128,4096")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--json", type=str, default="")
+    args = ap.parse_args()
+    comm = MPI.COMM_WORLD
+    rows: list[dict[str, object]] = []
+
+    def emit(name: str, **fields: float) -> None:
+        row = {"name": name, "ranks": comm.size, **{k: round(v, 2) for k, v in fields.items()}}
+        rows.append(row)
+        if comm.rank == 0:
+            print(json.dumps(row), flush=True)
+
+    T, H, E, K = args.tokens, args.hidden, args.experts, args.topk
+    R = comm.size
+    E = E // R * R
+    buf = Buffer(
+        comm,
+        num_nvl_bytes=1 << 30,
+        num_rdma_bytes=get_low_latency_rdma_size_hint(T, H, R, E),
+        low_latency_mode=True,
+        num_qps_per_rank=max(1, E // R),
+        validate=False,
+    )
+    dev = buf.device
+    g = torch.Generator().manual_seed(1 + comm.rank)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).to(dev)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
+    w = torch.rand(T, K, generator=g).to(dev)
+    engine = buf.backend._ll()  # the LowLatencyEngine
+    ops = engine._ops
+    addr = engine._address
+    both = engine._send | engine._recv
+
+    # -- low-latency dispatch, three layers ---------------------------------------------
+    def op_dispatch() -> object:
+        return ops.ll_dispatch(addr, x, idx, T, E, True, False, False, None, 0, both)
+
+    def engine_dispatch() -> object:
+        return engine.low_latency_dispatch(x, idx, T, E, True, False, False, None, False)
+
+    def buffer_dispatch() -> object:
+        return buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
+
+    for name, fn in (("op", op_dispatch), ("engine", engine_dispatch), ("buffer", buffer_dispatch)):
+        comm.Barrier()
+        emit(f"ll dispatch fp8 [{name}]", host_us=host_us(fn, args.iters))
+    recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+
+    def buffer_combine() -> object:
+        return buf.low_latency_combine(recv, idx, w, handle)
+
+    def engine_combine() -> object:
+        return engine.low_latency_combine(recv, idx, w, handle, False, None, False)
+
+    for name, fn in (("engine", engine_combine), ("buffer", buffer_combine)):
+        comm.Barrier()
+        emit(f"ll combine [{name}]", host_us=host_us(fn, args.iters))
+
+    def pair() -> None:
+        buffer_dispatch()
+        buffer_combine()
+
+    comm.Barrier()
+    emit("ll pair fp8 dispatch + combine [buffer]", stream_us=stream_us(pair, 50))
+    comm.Barrier()
+    emit("ll dispatch fp8 back-to-back [buffer]", stream_us=stream_us(buffer_dispatch, 50))
+    comm.Barrier()
+    emit("ll combine back-to-back [buffer]", stream_us=stream_us(buffer_combine, 50))
+
+    hooks: list[Callable[[], None]] = []
+
+    def send_only() -> None:
+        *_, hook = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
+        hooks.append(hook)
+
+    def drain() -> None:
+        while hooks:
+            hooks.pop()()
+
+    comm.Barrier()
+    emit("ll dispatch send phase (hook) [buffer]", host_us=host_us(send_only, 50, drain))
+    comm.Barrier()
+    emit("ll hook() receive [buffer]", host_us=host_us(drain, 50, lambda: (send_only(), None)[1]))
+    drain()
+
+    # -- normal mode -------------------------------------------------------------------
+    En = 256 // R * R
+    for t in [int(v) for v in args.normal_tokens.split(",") if v]:
+        xn = torch.randn(t, H, generator=g).to(torch.bfloat16).to(dev)
+        idn = torch.stack([torch.randperm(En, generator=g)[:K] for _ in range(t)]).to(dev)
+        wn = torch.rand(t, K, generator=g).to(dev)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idn, En)
+
+        def n_layout() -> object:
+            return buf.get_dispatch_layout(idn, En)
+
+        def n_dispatch() -> object:
+            return buf.dispatch(
+                xn,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=idn,
+                topk_weights=wn,
+            )
+
+        recv_n, _, recv_w, _, hn, _ = n_dispatch()
+
+        def n_combine() -> object:
+            return buf.combine(recv_n, hn, recv_w)
+
+        for name, fn in (("layout", n_layout), ("dispatch", n_dispatch), ("combine", n_combine)):
+            comm.Barrier()
+            emit(
+                f"normal {name} T={t} [buffer]",
+                host_us=host_us(fn, args.iters // 2),
+                stream_us=stream_us(fn, 20),
+            )
+
+    if args.cprofile and comm.rank == 0:
+        for name, fn in (
+            ("ll dispatch", buffer_dispatch),
+            ("ll combine", buffer_combine),
+            ("ll send with hook", lambda: (send_only(), drain())),
+        ):
+            prof = cProfile.Profile()
+            torch.cuda.synchronize()
+            prof.enable()
+            for _ in range(200):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+            print(f"==== cProfile {name} x200 (tottime)\n{s.getvalue()}", flush=True)
+    if args.json and comm.rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    buf.destroy()
+
+
+if __name__ == "__main__":
+    main()
