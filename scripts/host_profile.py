@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from mpi4py import MPI
 
-from mpiep import Buffer
+from mpiep import Buffer, EventOverlap
 from mpiep.config import get_low_latency_rdma_size_hint
 
 
@@ -47,8 +47,11 @@ def host_us(fn: Callable[[], object], n: int, after: Callable[[], None] | None =
 
 
 def stream_us(fn: Callable[[], object], n: int) -> float:
-    """Back-to-back time per call on the stream (CUDA events around n calls)."""
+    """Back-to-back time per call on the stream (CUDA events around n calls), after a
+    warm-up (the first calls of a new pattern grow the caching allocator's pools)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        fn()
     torch.cuda.synchronize()
     start.record()
     for _ in range(n):
@@ -56,6 +59,71 @@ def stream_us(fn: Callable[[], object], n: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / n
+
+
+def per_call_us(stmt: Callable[[], object], n: int = 2000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        stmt()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def pieces(buf, x, idx, w, recv, handle, T, E, emit) -> None:  # type: ignore[no-untyped-def]
+    """Host cost of the pieces a call is made of (no launches, or one each)."""
+    from mpiep.buffer import checks
+
+    s = torch.cuda.Stream()
+    ev = torch.cuda.Event()
+    t = torch.empty(16, device=buf.device)
+    emit("piece torch.cuda.current_stream()", host_us=per_call_us(torch.cuda.current_stream))
+
+    def ctx() -> None:
+        with torch.cuda.stream(s):
+            pass
+
+    emit("piece with torch.cuda.stream(s)", host_us=per_call_us(ctx))
+    emit("piece event.record(stream)", host_us=per_call_us(lambda: ev.record(s)))
+    emit("piece stream.wait_event(ev)", host_us=per_call_us(lambda: s.wait_event(ev)))
+    emit("piece tensor.record_stream(s)", host_us=per_call_us(lambda: t.record_stream(s)))
+    emit(
+        "piece torch.empty(16) cuda",
+        host_us=per_call_us(lambda: torch.empty(16, device=buf.device)),
+    )
+    torch.cuda.synchronize()
+    emit(
+        "piece checks.low_latency_dispatch",
+        host_us=per_call_us(
+            lambda: checks.low_latency_dispatch(buf, x, idx, T, E, None, True, False, False, False)
+        ),
+    )
+    emit(
+        "piece checks.low_latency_combine",
+        host_us=per_call_us(
+            lambda: checks.low_latency_combine(buf, recv, idx, w, handle, False, False, False, None)
+        ),
+    )
+    emit(
+        "piece checks.low_latency_combine_lean",
+        host_us=per_call_us(lambda: checks.low_latency_combine_lean(buf, idx, handle, False)),
+    )
+    emit("piece EventOverlap(None)", host_us=per_call_us(lambda: EventOverlap(None)))
+
+
+def kernel_table(name: str, fn: Callable[[], object]) -> None:
+    """The torch profiler's view of 20 back-to-back calls: CPU ops and CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    print(f"==== torch profiler: {name} x20\n{table}", flush=True)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=8)
+    print(f"==== torch profiler (device): {name} x20\n{table}", flush=True)
 
 
 def main() -> None:
@@ -68,6 +136,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--json", type=str, default="")
+    ap.add_argument("--pieces", action="store_true", help="time the Python pieces of a call")
+    ap.add_argument("--kernels", action="store_true", help="torch profiler table per call")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD
     rows: list[dict[str, object]] = []
@@ -177,6 +247,18 @@ def main() -> None:
         def n_combine() -> object:
             return buf.combine(recv_n, hn, recv_w)
 
+        normal = buf.backend._normal()
+        comm.Barrier()
+        emit(
+            f"normal layout T={t} [op]",
+            host_us=host_us(
+                lambda: normal._ops.layout(idn, En, R, R, normal._hop), args.iters // 2
+            ),
+        )
+        emit(
+            f"normal layout T={t} [engine]",
+            host_us=host_us(lambda: normal.get_dispatch_layout(idn, En), args.iters // 2),
+        )
         for name, fn in (("layout", n_layout), ("dispatch", n_dispatch), ("combine", n_combine)):
             comm.Barrier()
             emit(
@@ -185,6 +267,15 @@ def main() -> None:
                 stream_us=stream_us(fn, 20),
             )
 
+    if args.pieces and comm.rank == 0:
+        pieces(buf, x, idx, w, recv, handle, T, E, emit)
+    if args.kernels and comm.rank == 0:
+        for name, fn in (
+            ("ll dispatch fp8", buffer_dispatch),
+            ("ll combine", buffer_combine),
+            ("ll pair", pair),
+        ):
+            kernel_table(name, fn)
     if args.cprofile and comm.rank == 0:
         for name, fn in (
             ("ll dispatch", buffer_dispatch),

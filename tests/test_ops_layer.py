@@ -44,15 +44,15 @@ def test_null_runtime_is_refused(ops) -> None:
     with pytest.raises(ValueError, match="context is null"):
         ops.ll_dispatch(0, x, idx, 8, 8, False, False, False, None, 0, 3)
     with pytest.raises(ValueError, match="runtime is null"):
-        ops.intranode_dispatch(0, x, None, idx, None, None, None, None, [], [], 0, 8, 1, 0, 24)
+        ops.intranode_dispatch(0, x, None, idx, None, None, None, None, [], [], 0, 8, 1, 0, 24, 0)
     with pytest.raises(ValueError, match="runtime is null"):
-        ops.internode_combine(0, x, None, [], [], None, None, 4, 24, 16)
+        ops.internode_combine(0, x, None, [], [], None, None, 4, 24, 16, 0)
 
 
 def test_cpu_tensors_are_refused_by_name(ops) -> None:
     idx = torch.zeros(4, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="topk_idx must be a CUDA tensor"):
-        ops.layout(idx, 8, 2, 2)
+        ops.layout(idx, 8, 2, 2, 0)
 
 
 def test_error_types_map_to_mpiep_exceptions(ops) -> None:
@@ -61,5 +61,5 @@ def test_error_types_map_to_mpiep_exceptions(ops) -> None:
     from mpiep.errors import CapacityError, PeerTimeoutError
 
     with pytest.raises(ValueError) as err:
-        ops.layout(torch.zeros(2, 2, dtype=torch.int64), 8, 2, 2)
+        ops.layout(torch.zeros(2, 2, dtype=torch.int64), 8, 2, 2, 0)
     assert not isinstance(err.value, (CapacityError, PeerTimeoutError))

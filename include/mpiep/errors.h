@@ -17,6 +17,7 @@ enum class ErrorCode : int {
   kNvshmem = 3,
   kTimeout = 4,
   kCapacity = 5,
+  kType = 6,  // a tensor of the wrong dtype (Python: TypeError)
 };
 
 class __attribute__((visibility("default"))) Error : public std::runtime_error {

@@ -1,5 +1,6 @@
 // Normal mode across nodes as single native calls (InternodeRuntime underneath).
 #include "mpiep/internode.h"
+#include "ops/normal_checks.h"
 #include "ops/normal_ops.h"
 #include "ops/ops_common.h"
 #include "runtime/internode_runtime.h"
@@ -54,17 +55,19 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                                const OptTensor& topk_idx, const OptTensor& topk_weights,
                                const Routing& routing, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
-                               int64_t chunk) {
+                               int64_t chunk, int64_t hop) {
   InternodeRuntime& rt = runtime_at(runtime);
   const Topology& tp = rt.topology();
   const int R = tp.num_ranks, N = tp.num_nodes, L = tp.local_ranks;
+  check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, N, rt.device());
   const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const int num_topk = (!cached && topk_idx) ? static_cast<int>(topk_idx->size(1)) : 0;
   const int64_t worst = num_worst_tokens;
   const at::Device dev = x.device();
-  const cudaStream_t stream = current_stream(dev);
+  const HopGuard guard(hop, dev);
+  const cudaStream_t stream = guard.stream();
 
   DispatchOut out;
   std::vector<at::Tensor> state;
@@ -166,17 +169,15 @@ std::tuple<at::Tensor, OptTensor> internode_combine(int64_t runtime, const at::T
                                                     const std::vector<int>& host_counts,
                                                     const OptTensor& bias0, const OptTensor& bias1,
                                                     int64_t num_tokens, int64_t num_sms,
-                                                    int64_t chunk) {
+                                                    int64_t chunk, int64_t hop) {
   InternodeRuntime& rt = runtime_at(runtime);
   if (state.size() != kStateCount) bad_arg("handle: not an internode dispatch handle");
-  const int64_t H = combine_hidden_of(x);
+  const int64_t H = check_combine_inputs(x, topk_weights, bias0, bias1, num_tokens, rt.device());
   const int K = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
-  if (topk_weights) check(*topk_weights, "topk_weights", at::kFloat, 2);
-  check_bias(bias0, "bias[0]", num_tokens, H);
-  check_bias(bias1, "bias[1]", num_tokens, H);
   const int64_t row = combine_row_bytes(static_cast<int>(H), K);
   check_fit(rt, host_counts, kMaxFwdRows, row, kMaxSendRows, row, "combine");
   const at::Device dev = x.device();
+  const HopGuard guard(hop, dev);
   at::Tensor out = empty({num_tokens, H}, at::kBFloat16, dev);
   OptTensor out_w;
   if (topk_weights) out_w = empty({num_tokens, K}, at::kFloat, dev);
@@ -196,7 +197,7 @@ std::tuple<at::Tensor, OptTensor> internode_combine(int64_t runtime, const at::T
   a.out = out.data_ptr();
   a.out_weights = ptr<float>(out_w);
   a.num_blocks = static_cast<int>(num_sms);
-  rt.combine(a, current_stream(dev));
+  rt.combine(a, guard.stream());
   return {out, out_w};
 }
 

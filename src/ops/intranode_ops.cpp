@@ -1,6 +1,7 @@
 // Normal mode inside one node as single native calls (and the layout, for both engines).
 #include "mpiep/internode.h"
 #include "mpiep/intranode.h"
+#include "ops/normal_checks.h"
 #include "ops/normal_ops.h"
 #include "ops/ops_common.h"
 #include "runtime/intranode_runtime.h"
@@ -9,7 +10,7 @@ namespace mpiep {
 namespace ops {
 
 LayoutOut layout(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-                 int64_t ranks_per_node) {
+                 int64_t ranks_per_node, int64_t hop) {
   check(topk_idx, "topk_idx", at::kLong, 2);
   const at::Device dev = topk_idx.device();
   const int64_t T = topk_idx.size(0), K = topk_idx.size(1), N = num_ranks / ranks_per_node;
@@ -17,7 +18,8 @@ LayoutOut layout(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ra
   at::Tensor per_expert = empty({num_experts}, at::kInt, dev);
   at::Tensor in_rank = empty({T, num_ranks}, at::kBool, dev);
   OptTensor per_node;
-  const cudaStream_t stream = current_stream(dev);
+  const HopGuard guard(hop, dev);
+  const cudaStream_t stream = guard.stream();
   if (N == 1 && num_ranks <= 32) {
     intranode::LayoutArgs a{ptr<const int64_t>(topk_idx), static_cast<int>(T),
                             static_cast<int>(K),          static_cast<int>(num_experts),
@@ -81,14 +83,16 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                                const OptTensor& topk_idx, const OptTensor& topk_weights,
                                const Routing& routing, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
-                               int64_t num_sms) {
+                               int64_t num_sms, int64_t hop) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks(), me = rt.rank();
+  check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, 1, rt.device());
   const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const at::Device dev = x.device();
-  const cudaStream_t stream = current_stream(dev);
+  const HopGuard guard(hop, dev);
+  const cudaStream_t stream = guard.stream();
   const int64_t worst = num_worst_tokens;
   const int num_topk = (!cached && topk_idx) ? static_cast<int>(topk_idx->size(1)) : 0;
   const int64_t row_bytes =
@@ -172,19 +176,18 @@ std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::T
                                                     const std::vector<at::Tensor>& state,
                                                     const std::vector<int>& host_counts,
                                                     const OptTensor& bias0, const OptTensor& bias1,
-                                                    int64_t num_tokens, int64_t num_sms) {
+                                                    int64_t num_tokens, int64_t num_sms,
+                                                    int64_t hop) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks();
-  const int64_t H = combine_hidden_of(x);
+  const int64_t H = check_combine_inputs(x, topk_weights, bias0, bias1, num_tokens, rt.device());
   const int K = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
-  if (topk_weights) check(*topk_weights, "topk_weights", at::kFloat, 2);
-  check_bias(bias0, "bias[0]", num_tokens, H);
-  check_bias(bias1, "bias[1]", num_tokens, H);
   const int64_t row_bytes = intranode::combine_row_bytes(static_cast<int>(H), K);
   // Rows arriving at rank s = rows s sent in dispatch.
   if (!host_counts.empty())
     check_fit(matrix_rows(host_counts, R, false), row_bytes, rt.row_area_bytes(), "combine");
   const at::Device dev = x.device();
+  const HopGuard guard(hop, dev);
   at::Tensor out = empty({num_tokens, H}, at::kBFloat16, dev);
   OptTensor out_w;
   if (topk_weights) out_w = empty({num_tokens, K}, at::kFloat, dev);
@@ -202,7 +205,7 @@ std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::T
   a.out = out.data_ptr();
   a.out_weights = ptr<float>(out_w);
   a.num_channels = static_cast<int>(num_sms / 2);
-  rt.combine(a, current_stream(dev));
+  rt.combine(a, guard.stream());
   return {out, out_w};
 }
 

@@ -37,24 +37,54 @@ void launch_dispatch(LowLatencyContext& ctx, const at::Tensor& x, const at::Tens
                      int64_t max_tokens, int64_t num_experts, bool use_fp8, bool round_scale,
                      bool use_ue8m0, const std::optional<at::Tensor>& stats, int64_t buffer,
                      int64_t phases, LowLatencyDispatchOut& out, bool allocate) {
-  check(x, "x", at::kBFloat16, 2);
-  check(topk_idx, "topk_idx", at::kLong, 2);
+  // Every local check of Buffer.low_latency_dispatch (python/mpiep/buffer/checks.py), so that
+  // Buffer skips its own without validation: same messages, same exception types.
+  const int device = ctx.device();
+  check(x, "x", at::kBFloat16, 2, device);
+  check(topk_idx, "topk_idx", at::kLong, 2, device);
   check_size(topk_idx, "topk_idx", 0, x.size(0));
   const int64_t R = ctx.num_ranks(), EL = num_experts / R, H = x.size(1), rows = R * max_tokens;
+  if (max_tokens <= 0)
+    bad_arg("num_max_dispatch_tokens_per_rank must be a positive int, got " +
+            std::to_string(max_tokens));
+  if (num_experts <= 0 || num_experts % R)
+    bad_arg("num_experts (" + std::to_string(num_experts) +
+            ") must be a positive multiple of the number of ranks (" + std::to_string(R) + ")");
+  if (x.size(0) > max_tokens)
+    throw Error(ErrorCode::kCapacity, "x has " + std::to_string(x.size(0)) +
+                                          " tokens, more than num_max_dispatch_tokens_per_rank=" +
+                                          std::to_string(max_tokens));
+  if (H % 128)
+    bad_arg("low-latency mode needs a hidden size that is a multiple of 128, got " +
+            std::to_string(H));
+  if (use_ue8m0 && !use_fp8) bad_arg("use_ue8m0 needs use_fp8=True");
   if (stats.has_value()) {
-    check(*stats, "cumulative_local_expert_recv_stats", at::kInt, 1);
+    check(*stats, "cumulative_local_expert_recv_stats", at::kInt, 1, device);
     check_size(*stats, "cumulative_local_expert_recv_stats", 0, EL);
   }
   const at::Device dev = x.device();
   if (allocate) {
-    out.recv_x = empty({EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16, dev);
+    // Two allocations instead of five (each costs about 2 us of host time): the rows with
+    // their scales, and the three small int32 outputs (the handle keeps two of them).
+    const int64_t row_bytes = use_fp8 ? H : 2 * H;
+    const int64_t scale_cols = use_ue8m0 ? (H + 511) / 512 : H / 128;
+    ByteLayout data;
+    const int64_t x_at = data.add(EL * rows * row_bytes);
+    const int64_t s_at = use_fp8 ? data.add(EL * rows * scale_cols * 4) : 0;
+    const at::Tensor data_bytes = empty({data.total}, at::kByte, dev);
+    out.recv_x = typed_slice(data_bytes, x_at, {EL, rows, H},
+                             use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
     if (use_fp8) {
-      out.recv_scales = use_ue8m0 ? empty({EL, rows, (H + 511) / 512}, at::kInt, dev)
-                                  : empty({EL, rows, H / 128}, at::kFloat, dev);
+      out.recv_scales = typed_slice(data_bytes, s_at, {EL, rows, scale_cols},
+                                    use_ue8m0 ? at::kInt : at::kFloat);
     }
-    out.recv_count = empty({EL}, at::kInt, dev);
-    out.src_token_idx = empty({EL, rows}, at::kInt, dev);
-    out.layout_range = empty({EL, R, 2}, at::kInt, dev);
+    ByteLayout meta;
+    const int64_t count_at = meta.add(EL * 4), src_at = meta.add(EL * rows * 4),
+                  range_at = meta.add(EL * R * 2 * 4);
+    const at::Tensor meta_bytes = empty({meta.total}, at::kByte, dev);
+    out.recv_count = typed_slice(meta_bytes, count_at, {EL}, at::kInt);
+    out.src_token_idx = typed_slice(meta_bytes, src_at, {EL, rows}, at::kInt);
+    out.layout_range = typed_slice(meta_bytes, range_at, {EL, R, 2}, at::kInt);
   }
   LowLatencyDispatchCall c{};
   c.x = x.data_ptr();
@@ -107,12 +137,13 @@ at::Tensor ll_combine(int64_t ctx_address, const at::Tensor& y, const at::Tensor
                       int64_t buffer, int64_t phases) {
   LowLatencyContext& ctx = context(ctx_address);
   const int64_t R = ctx.num_ranks(), EL = num_experts / R, T = topk_idx.size(0);
-  check(topk_idx, "topk_idx", at::kLong, 2);
-  check(topk_weights, "topk_weights", at::kFloat, 2);
+  const int device = ctx.device();
+  check(topk_idx, "topk_idx", at::kLong, 2, device);
+  check(topk_weights, "topk_weights", at::kFloat, 2, device);
   check_size(topk_weights, "topk_weights", 0, T);
   check_size(topk_weights, "topk_weights", 1, topk_idx.size(1));
-  check(src_token_idx, "handle.src_token_idx", at::kInt, 2);
-  check(layout_range, "handle.layout_range", at::kInt, 3);
+  check(src_token_idx, "handle.src_token_idx", at::kInt, 2, device);
+  check(layout_range, "handle.layout_range", at::kInt, 3, device);
   const at::Device dev = topk_idx.device();
   // Zero copy only when y really is this call's symmetric send area; otherwise the kernel
   // stages rows there itself where NVSHMEM puts need it.
@@ -121,14 +152,14 @@ at::Tensor ll_combine(int64_t ctx_address, const at::Tensor& y, const at::Tensor
                               static_cast<int>(max_tokens), static_cast<int>(num_experts));
   const bool zc = zero_copy && y.data_ptr() == send_area;
   if (!zc) {
-    check(y, "x", at::kBFloat16, 3);
+    check(y, "x", at::kBFloat16, 3, device);
     check_size(y, "x", 0, EL);
     check_size(y, "x", 1, R * max_tokens);
     check_size(y, "x", 2, hidden);
   }
   at::Tensor result;
   if (out.has_value()) {
-    check(*out, "out", at::kBFloat16, 2);
+    check(*out, "out", at::kBFloat16, 2, device);
     check_size(*out, "out", 0, T);
     check_size(*out, "out", 1, hidden);
     result = *out;

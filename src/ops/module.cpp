@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "mpiep/errors.h"
+#include "runtime/stream_hop.h"
 #include "ops/low_latency_ops.h"
 #include "ops/normal_ops.h"
 
@@ -62,6 +63,9 @@ PYBIND11_MODULE(_ops, m) {
         case mpiep::ErrorCode::kInvalidArgument:
           PyErr_SetString(PyExc_ValueError, e.what());
           break;
+        case mpiep::ErrorCode::kType:
+          PyErr_SetString(PyExc_TypeError, e.what());
+          break;
         default:
           PyErr_SetString(PyExc_RuntimeError, e.what());
       }
@@ -75,14 +79,26 @@ PYBIND11_MODULE(_ops, m) {
       },
       "The Python classes raised for peer timeouts and capacity errors.");
 
+  // The comm-stream hop of normal mode (runtime/stream_hop.h): made once per engine, passed
+  // to every normal-mode op by address; freed after the last op that uses it.
+  m.def(
+      "make_stream_hop",
+      [](int64_t comm_stream) {
+        return reinterpret_cast<int64_t>(
+            new mpiep::StreamHop(reinterpret_cast<cudaStream_t>(comm_stream)));
+      },
+      "A comm-stream hop for the normal-mode ops (the stream's cudaStream_t as an int).");
+  m.def("free_stream_hop",
+        [](int64_t address) { delete reinterpret_cast<mpiep::StreamHop*>(address); });
   m.def(
       "layout",
       [](const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-         int64_t ranks_per_node) {
+         int64_t ranks_per_node, int64_t hop) {
         py::gil_scoped_release nogil;
-        return layout(topk_idx, num_experts, num_ranks, ranks_per_node);
+        return layout(topk_idx, num_experts, num_ranks, ranks_per_node, hop);
       },
-      py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"), py::arg("ranks_per_node"));
+      py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"), py::arg("ranks_per_node"),
+      py::arg("hop"));
 
   m.def(
       "ll_dispatch",
@@ -137,14 +153,14 @@ PYBIND11_MODULE(_ops, m) {
            const OptTensor& topk_weights, const OptTensor& per_rank, const OptTensor& per_expert,
            const OptTensor& in_rank, const std::vector<at::Tensor>& state,
            const std::vector<int>& host_counts, int64_t cached_rows, int64_t num_experts,
-           int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms) {
+           int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms, int64_t hop) {
           DispatchOut o;
           {
             py::gil_scoped_release nogil;
             const Routing r = routing_of(per_rank, std::nullopt, per_expert, in_rank, state,
                                          host_counts, cached_rows);
             o = intranode_dispatch(rt, x, x_scales, topk_idx, topk_weights, r, num_experts,
-                                   expert_alignment, num_worst_tokens, num_sms);
+                                   expert_alignment, num_worst_tokens, num_sms, hop);
           }
           return dispatch_tuple(o);
         });
@@ -152,10 +168,10 @@ PYBIND11_MODULE(_ops, m) {
         [](int64_t rt, const at::Tensor& x, const OptTensor& topk_weights,
            const at::Tensor& recv_src_idx, const std::vector<at::Tensor>& state,
            const std::vector<int>& host_counts, const OptTensor& bias0, const OptTensor& bias1,
-           int64_t num_tokens, int64_t num_sms) {
+           int64_t num_tokens, int64_t num_sms, int64_t hop) {
           py::gil_scoped_release nogil;
           return intranode_combine(rt, x, topk_weights, recv_src_idx, state, host_counts, bias0,
-                                   bias1, num_tokens, num_sms);
+                                   bias1, num_tokens, num_sms, hop);
         });
   m.def("internode_dispatch",
         [](int64_t rt, const at::Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
@@ -163,14 +179,14 @@ PYBIND11_MODULE(_ops, m) {
            const OptTensor& per_expert, const OptTensor& in_rank,
            const std::vector<at::Tensor>& state, const std::vector<int>& host_counts,
            int64_t cached_rows, int64_t num_experts, int64_t expert_alignment,
-           int64_t num_worst_tokens, int64_t num_sms, int64_t chunk) {
+           int64_t num_worst_tokens, int64_t num_sms, int64_t chunk, int64_t hop) {
           DispatchOut o;
           {
             py::gil_scoped_release nogil;
             const Routing r = routing_of(per_rank, per_node, per_expert, in_rank, state,
                                          host_counts, cached_rows);
             o = internode_dispatch(rt, x, x_scales, topk_idx, topk_weights, r, num_experts,
-                                   expert_alignment, num_worst_tokens, num_sms, chunk);
+                                   expert_alignment, num_worst_tokens, num_sms, chunk, hop);
           }
           return dispatch_tuple(o);
         });
@@ -178,9 +194,9 @@ PYBIND11_MODULE(_ops, m) {
         [](int64_t rt, const at::Tensor& x, const OptTensor& topk_weights,
            const std::vector<at::Tensor>& state, const std::vector<int>& host_counts,
            const OptTensor& bias0, const OptTensor& bias1, int64_t num_tokens, int64_t num_sms,
-           int64_t chunk) {
+           int64_t chunk, int64_t hop) {
           py::gil_scoped_release nogil;
           return internode_combine(rt, x, topk_weights, state, host_counts, bias0, bias1,
-                                   num_tokens, num_sms, chunk);
+                                   num_tokens, num_sms, chunk, hop);
         });
 }

@@ -18,8 +18,9 @@ using OptTensor = std::optional<at::Tensor>;
 // (num_tokens_per_rank [R], num_tokens_per_rdma_rank [N] or None, num_tokens_per_expert [E],
 //  is_token_in_rank [T, R]).
 using LayoutOut = std::tuple<at::Tensor, OptTensor, at::Tensor, at::Tensor>;
+// `hop`: a StreamHop address (ops_common.h) to run on the Buffer's comm stream, or 0.
 LayoutOut layout(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-                 int64_t ranks_per_node);
+                 int64_t ranks_per_node, int64_t hop);
 
 // What a dispatch returns: the outputs, then what the handle keeps.
 struct DispatchOut {
@@ -43,27 +44,29 @@ struct Routing {
 DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTensor& x_scales,
                                const OptTensor& topk_idx, const OptTensor& topk_weights,
                                const Routing& routing, int64_t num_experts,
-                               int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms);
+                               int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
+                               int64_t hop);
 std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::Tensor& x,
                                                     const OptTensor& topk_weights,
                                                     const at::Tensor& recv_src_idx,
                                                     const std::vector<at::Tensor>& state,
                                                     const std::vector<int>& host_counts,
                                                     const OptTensor& bias0, const OptTensor& bias1,
-                                                    int64_t num_tokens, int64_t num_sms);
+                                                    int64_t num_tokens, int64_t num_sms,
+                                                    int64_t hop);
 
 DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTensor& x_scales,
                                const OptTensor& topk_idx, const OptTensor& topk_weights,
                                const Routing& routing, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
-                               int64_t chunk);
+                               int64_t chunk, int64_t hop);
 std::tuple<at::Tensor, OptTensor> internode_combine(int64_t runtime, const at::Tensor& x,
                                                     const OptTensor& topk_weights,
                                                     const std::vector<at::Tensor>& state,
                                                     const std::vector<int>& host_counts,
                                                     const OptTensor& bias0, const OptTensor& bias1,
                                                     int64_t num_tokens, int64_t num_sms,
-                                                    int64_t chunk);
+                                                    int64_t chunk, int64_t hop);
 
 }  // namespace ops
 }  // namespace mpiep

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "mpiep/errors.h"
+#include "runtime/stream_hop.h"
 
 namespace mpiep {
 namespace ops {
@@ -20,16 +21,23 @@ namespace ops {
   throw Error(ErrorCode::kInvalidArgument, msg);
 }
 
-// `t` must be a contiguous CUDA tensor of `dtype` with `dim` dimensions.
-inline void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-  if (!t.is_cuda()) bad_arg(std::string(name) + " must be a CUDA tensor");
+// `t` must be a contiguous CUDA tensor of `dtype` with `dim` dimensions (on `device` when
+// it is >= 0). The messages and exception types match Buffer's Python checks
+// (python/mpiep/validate.py), which run instead of these only with validation on.
+inline void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
+                  int device = -1) {
   if (t.scalar_type() != dtype)
-    bad_arg(std::string(name) + " must have dtype " + c10::toString(dtype) + ", got " +
-            c10::toString(t.scalar_type()));
+    throw Error(ErrorCode::kType, std::string(name) + " must have dtype " +
+                                      c10::toString(dtype) + ", got " +
+                                      c10::toString(t.scalar_type()));
   if (t.dim() != dim)
     bad_arg(std::string(name) + " must have " + std::to_string(dim) + " dimensions, got " +
             std::to_string(t.dim()));
-  if (!t.is_contiguous()) bad_arg(std::string(name) + " must be contiguous");
+  if (!t.is_contiguous()) bad_arg(std::string(name) + " must be contiguous (call .contiguous())");
+  if (!t.is_cuda()) bad_arg(std::string(name) + " must be a CUDA tensor, got " + t.device().str());
+  if (device >= 0 && t.get_device() != device)
+    bad_arg(std::string(name) + " is on " + t.device().str() + ", but this Buffer works on cuda:" +
+            std::to_string(device));
 }
 
 inline void check_size(const at::Tensor& t, const char* name, int64_t axis, int64_t want) {
@@ -44,6 +52,34 @@ inline cudaStream_t current_stream(const at::Device& device) {
   const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
   return static_cast<cudaStream_t>(s.native_handle());
 }
+
+// For one normal-mode op: its work goes to the Buffer's comm stream (runtime/stream_hop.h)
+// behind what the caller's stream already holds, and the caller's stream waits for it at the
+// end, also when the op throws after launching. Without a hop (address 0), or when the caller
+// already runs on the comm stream (Buffer's async/event path switches in Python), the op runs
+// on the current stream.
+class HopGuard {
+ public:
+  HopGuard(int64_t hop_address, const at::Device& device) : compute_(current_stream(device)) {
+    auto* hop = reinterpret_cast<StreamHop*>(hop_address);
+    if (hop == nullptr || hop->comm() == compute_) {
+      stream_ = compute_;
+      return;
+    }
+    stream_ = hop->begin(compute_);
+    hop_ = hop;
+  }
+  ~HopGuard() {
+    if (hop_ != nullptr) hop_->end(compute_);
+  }
+  HopGuard(const HopGuard&) = delete;
+  HopGuard& operator=(const HopGuard&) = delete;
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  cudaStream_t compute_ = nullptr, stream_ = nullptr;
+  StreamHop* hop_ = nullptr;
+};
 
 // The dispatch input of normal mode: a contiguous 2-D CUDA tensor whose rows are 16-byte
 // multiples on a 16-byte boundary (the kernels copy 16 bytes at a time). Returns row bytes.
@@ -69,9 +105,10 @@ inline int64_t combine_hidden_of(const at::Tensor& x) {
 }
 
 // Optional bias of combine: bf16 [T, H], contiguous.
-inline void check_bias(const std::optional<at::Tensor>& b, const char* name, int64_t T, int64_t H) {
+inline void check_bias(const std::optional<at::Tensor>& b, const char* name, int64_t T, int64_t H,
+                       int device = -1) {
   if (!b) return;
-  check(*b, name, at::kBFloat16, 2);
+  check(*b, name, at::kBFloat16, 2, device);
   check_size(*b, name, 0, T);
   check_size(*b, name, 1, H);
 }
@@ -88,6 +125,31 @@ T* ptr(const std::optional<at::Tensor>& t) {
 inline at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype, const at::Device& device) {
   return at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
 }
+
+// Several outputs from one allocation: a contiguous tensor of `dtype` and `shape` over the
+// bytes of `base` from `byte_offset` on, made without the dispatcher (a new TensorImpl on
+// base's storage, as at::from_blob does). One allocation and a few of these cost less than
+// one allocation per output; the outputs then keep each other's memory alive, so group
+// only outputs that live together.
+inline at::Tensor typed_slice(const at::Tensor& base, int64_t byte_offset, at::IntArrayRef shape,
+                              at::ScalarType dtype) {
+  const auto meta = caffe2::TypeMeta::fromScalarType(dtype);
+  auto t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
+                                                    meta);
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
+  t.unsafeGetTensorImpl()->set_storage_offset(byte_offset / static_cast<int64_t>(meta.itemsize()));
+  return t;
+}
+
+// Byte offsets of consecutive blocks inside one allocation, each aligned to 256 bytes.
+struct ByteLayout {
+  int64_t total = 0;
+  int64_t add(int64_t bytes) {
+    const int64_t at = total;
+    total += (bytes + 255) / 256 * 256;
+    return at;
+  }
+};
 
 }  // namespace ops
 }  // namespace mpiep

@@ -36,6 +36,7 @@ class MPIEP_API InternodeRuntime {
   bool alive() const { return nvl_ != nullptr; }
 
   const internode::Topology& topology() const { return topo_; }
+  int device() const { return device_; }
   int64_t nvl_row_bytes() const { return num_nvl_bytes_ - internode::kNvlControlBytes; }
   int64_t rdma_data_bytes() const { return num_rdma_bytes_ - ctrl_.total; }
   int64_t rdma_control_bytes() const { return ctrl_.total; }

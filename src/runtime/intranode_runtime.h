@@ -29,6 +29,7 @@ class MPIEP_API IntranodeRuntime {
 
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
+  int device() const { return device_; }
   int64_t row_area_bytes() const { return num_nvl_bytes_ - intranode::kControlBytes; }
 
   // Launches notify; returns the token that wait_notify waits for.

@@ -66,6 +66,9 @@ class LowLatencyDispatchResult:
 
 class Backend(Protocol):
     name: str
+    # True when the low-latency calls check their own tensors (dtype, shape, device,
+    # capacity) with Buffer's messages: Buffer then skips its Python checks without validation.
+    native_checks: bool
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout: ...
 

@@ -51,6 +51,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 class CudaBackend:
     name = "cuda"
+    native_checks = True  # mpiep._ops checks the low-latency tensors (src/ops/low_latency_ops.cpp)
 
     def __init__(self, settings: BackendSettings) -> None:
         from mpiep.backends.cuda_internode import InternodeEngine
@@ -98,6 +99,11 @@ class CudaBackend:
                 nvshmem_bootstrap=s.nvshmem_bootstrap,
             )
 
+    def use_comm_stream(self, stream: torch.cuda.Stream) -> None:
+        """Normal-mode ops run on the Buffer's comm stream, ordered inside each op."""
+        if self.normal is not None:
+            self.normal.use_comm_stream(stream)
+
     # -- routing -------------------------------------------------------------------------
     def _normal(self) -> Any:
         if self.normal is None:
@@ -117,7 +123,7 @@ class CudaBackend:
         from mpiep.backends import native
 
         return Layout(
-            *native.ops().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size)
+            *native.ops().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size, 0)
         )
 
     def dispatch(self, *args: Any) -> DispatchResult:

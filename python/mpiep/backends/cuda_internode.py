@@ -157,7 +157,9 @@ class InternodeEngine(NativeNormalEngine):
     # -- the native entries ------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         self._runtime_address()  # raises after destroy()
-        return Layout(*self._ops.layout(topk_idx, num_experts, self.num_ranks, self.local_ranks))
+        return Layout(
+            *self._ops.layout(topk_idx, num_experts, self.num_ranks, self.local_ranks, self._hop)
+        )
 
     def _native_dispatch(
         self, address, x, x_scales, topk_idx, topk_weights, layout, state, host_counts,
@@ -170,11 +172,12 @@ class InternodeEngine(NativeNormalEngine):
         return self._ops.internode_dispatch(
             address, x, x_scales, topk_idx, topk_weights, *lay, state, host_counts, cached_rows,
             num_experts, expert_alignment, num_worst_tokens, config.num_sms,
-            int(config.num_max_rdma_chunked_send_tokens),
+            int(config.num_max_rdma_chunked_send_tokens), self._hop,
         )  # fmt: skip
 
     def _native_combine(self, address, x, handle, topk_weights, st, b0, b1, config):  # type: ignore[no-untyped-def]
         return self._ops.internode_combine(
             address, x, topk_weights, st["state"], st["host_counts"], b0, b1,
             handle.num_tokens, config.num_sms, int(config.num_max_rdma_chunked_send_tokens),
+            self._hop,
         )  # fmt: skip

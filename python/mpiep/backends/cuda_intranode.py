@@ -91,7 +91,7 @@ class IntranodeEngine(NativeNormalEngine):
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         self._runtime_address()  # raises after destroy()
         per_rank, _, per_expert, in_rank = self._ops.layout(
-            topk_idx, num_experts, self.num_ranks, self.num_ranks
+            topk_idx, num_experts, self.num_ranks, self.num_ranks, self._hop
         )
         return Layout(per_rank, None, per_expert, in_rank)
 
@@ -104,11 +104,11 @@ class IntranodeEngine(NativeNormalEngine):
         )  # fmt: skip
         return self._ops.intranode_dispatch(
             address, x, x_scales, topk_idx, topk_weights, *lay, state, host_counts, cached_rows,
-            num_experts, expert_alignment, num_worst_tokens, config.num_sms,
+            num_experts, expert_alignment, num_worst_tokens, config.num_sms, self._hop,
         )  # fmt: skip
 
     def _native_combine(self, address, x, handle, topk_weights, st, b0, b1, config):  # type: ignore[no-untyped-def]
         return self._ops.intranode_combine(
             address, x, topk_weights, handle.recv_src_idx, st["state"], st["host_counts"], b0,
-            b1, handle.num_tokens, config.num_sms,
+            b1, handle.num_tokens, config.num_sms, self._hop,
         )  # fmt: skip

@@ -30,6 +30,7 @@ class NativeNormalEngine:
     _rt: Any
     _address: int
     _ops: Any
+    _hop = 0  # the comm-stream hop of the ops (use_comm_stream), or 0: the current stream
 
     # -- what each engine provides ----------------------------------------------------------
     def _native_dispatch(
@@ -67,6 +68,17 @@ class NativeNormalEngine:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------
+    def use_comm_stream(self, stream: torch.cuda.Stream) -> None:
+        """Run the ops on ``stream``, ordered against the caller's stream inside the op (one
+        native hop instead of Python's stream switch and events)."""
+        self._free_hop()
+        self._hop = int(self._ops.make_stream_hop(stream.cuda_stream))
+
+    def _free_hop(self) -> None:
+        if self._hop:
+            hop, self._hop = self._hop, 0
+            self._ops.free_stream_hop(hop)
+
     def _runtime_address(self) -> int:
         if self._rt is None:
             raise RuntimeError(f"the {self.kind} engine was used after destroy()")
@@ -157,6 +169,7 @@ class NativeNormalEngine:
         # No kernel of any rank may touch the buffers any more: finish ours, then wait for
         # everyone's; unmap the peers, wait again, and only then free our own memory.
         torch.cuda.synchronize(self.device)
+        self._free_hop()
         self.comm.barrier(f"{self.kind}: destroy (kernels finished)")
         rt.close_peers()
         self.comm.barrier(f"{self.kind}: destroy (peers unmapped)")

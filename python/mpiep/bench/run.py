@@ -339,9 +339,59 @@ def run_low_latency(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
                 extra,
             )
         )
+    if dev.type == "cuda":
+        rows += _ll_pair_rows(comm, buf, shape, x, topk_idx, weights, recv_bf16, s)
     if dev.type == "cuda" and s.hooks:
         rows += _hook_rows(comm, buf, shape, x, topk_idx, s)
     buf.destroy()
+    return rows
+
+
+def _ll_pair_rows(
+    comm: MPI.Comm,
+    buf: Buffer,
+    shape: Shape,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    weights: torch.Tensor,
+    expert_out: torch.Tensor,
+    s: Settings,
+) -> list[Row]:
+    """A decode step's pair, FP8 dispatch then combine: as called back-to-back (the whole
+    calls, host included) and replayed from a CUDA graph (the kernel-only floor)."""
+    T, E = shape.tokens, shape.experts
+
+    def pair() -> None:
+        *_, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, T, E, use_fp8=True)
+        buf.low_latency_combine(expert_out, topk_idx, weights, handle)
+
+    rows = [
+        Row(
+            "low-latency dispatch fp8 + combine",
+            shape,
+            _time("low-latency pair", pair, comm, buf.device, s),
+            0,
+            0,
+            "-",
+        )
+    ]
+    # Capture on every rank (nothing runs while capturing), after a warm-up on a side
+    # stream as torch.cuda.graphs asks; replays are collective like the calls they hold.
+    side = torch.cuda.Stream(buf.device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pair()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize(buf.device)
+    comm.Barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pair()
+    comm.Barrier()
+    t = _time("low-latency pair (CUDA graph)", graph.replay, comm, buf.device, s)
+    rows.append(Row("low-latency dispatch fp8 + combine, CUDA graph replay", shape, t, 0, 0, "-"))
+    torch.cuda.synchronize(buf.device)
+    del graph
     return rows
 
 

@@ -15,7 +15,7 @@ Every call reads as the same four steps:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -195,6 +195,11 @@ class Buffer:
             env = os.environ.get("MPIEP_VALIDATE")
             validate = env == "1" if env is not None else self.backend.name == "reference"
         self.validate = bool(validate)
+        self._native_checks = bool(getattr(self.backend, "native_checks", False))
+        # Normal-mode ops that order the comm stream themselves (one native hop per call).
+        self._native_hop = self.comm_stream is not None and hasattr(self.backend, "use_comm_stream")
+        if self._native_hop:
+            self.backend.use_comm_stream(self.comm_stream)  # type: ignore[attr-defined]
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         self._hooks = HookTracker()
@@ -294,6 +299,32 @@ class Buffer:
         if error is not None:
             raise error
 
+    def _run_normal(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        inputs: Sequence[torch.Tensor | None],
+        outputs: streams.Outputs,
+    ) -> tuple[Any, EventOverlap]:
+        """A normal-mode call on the comm stream. The default (synchronous, no event in or
+        out) needs no Python stream switch: the native op hops to the comm stream and back."""
+        if self._native_hop and previous_event is None and not async_finish:
+            if allocate_on_comm_stream:
+                raise ValueError("allocate_on_comm_stream=True needs previous_event")
+            return fn(*args), EventOverlap(None)
+        return self._streams.run(
+            fn, args, previous_event, async_finish, allocate_on_comm_stream, inputs, outputs
+        )
+
+    def _lean(self) -> bool:
+        """Calls skip Buffer's Python tensor checks: no validation, no rank mask, and a
+        backend whose native ops raise the same errors themselves (``Backend.native_checks``;
+        ``checks.*_lean`` keeps what they cannot see)."""
+        return not self.validate and self._shrink is None and self._native_checks
+
     def _guard_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
         if self._abort:
             return faults.guard(hook, self._timed_out)
@@ -322,10 +353,14 @@ class Buffer:
         int32 (None on one node), ``num_tokens_per_expert`` [E] int32,
         ``is_token_in_rank`` [T, R] bool, and an event.
         """
-        self._checked(
-            "get_dispatch_layout", checks.get_dispatch_layout, (self, topk_idx, num_experts)
-        )
-        layout, event = self._streams.run(
+        if self._lean():
+            self._ensure_alive()
+            checks.get_dispatch_layout_lean(self, num_experts)
+        else:
+            self._checked(
+                "get_dispatch_layout", checks.get_dispatch_layout, (self, topk_idx, num_experts)
+            )
+        layout, event = self._run_normal(
             self.backend.get_dispatch_layout,
             (topk_idx, num_experts),
             previous_event,
@@ -378,25 +413,36 @@ class Buffer:
         """
         config = config or self.get_dispatch_config(self.group_size)
         data, scales = val.split_fp8(x)
-        self._checked(
-            "dispatch",
-            checks.dispatch,
-            (
+        if self._lean():
+            self._ensure_alive()
+            checks.dispatch_lean(
                 self,
                 data,
-                scales,
                 handle,
-                num_tokens_per_rank,
-                num_tokens_per_rdma_rank,
-                is_token_in_rank,
-                num_tokens_per_expert,
-                topk_idx,
-                topk_weights,
+                (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx),
                 expert_alignment,
                 num_worst_tokens,
-                config,
-            ),
-        )
+            )
+        else:
+            self._checked(
+                "dispatch",
+                checks.dispatch,
+                (
+                    self,
+                    data,
+                    scales,
+                    handle,
+                    num_tokens_per_rank,
+                    num_tokens_per_rdma_rank,
+                    is_token_in_rank,
+                    num_tokens_per_expert,
+                    topk_idx,
+                    topk_weights,
+                    expert_alignment,
+                    num_worst_tokens,
+                    config,
+                ),
+            )
         if handle is not None:  # cached: the handle stands for the layout and top-k
             layout, send_idx, send_weights = None, None, None
             # The original's shapes, num_worst_tokens padding included.
@@ -412,7 +458,7 @@ class Buffer:
             send_idx, send_weights = topk_idx, topk_weights
             num_experts, worst = int(num_tokens_per_expert.shape[0]), num_worst_tokens
         generation = self._dispatches
-        result, event = self._streams.run(
+        result, event = self._run_normal(
             self.backend.dispatch,
             (
                 data,
@@ -469,8 +515,14 @@ class Buffer:
             biases = (bias,)
         elif bias is not None:
             biases = tuple(b for b in bias if b is not None)
-        self._checked("combine", checks.combine, (self, x, handle, topk_weights, biases, config))
-        (combined, weights), event = self._streams.run(
+        if self._lean():
+            self._ensure_alive()
+            checks.combine_lean(self, x, handle, topk_weights)
+        else:
+            self._checked(
+                "combine", checks.combine, (self, x, handle, topk_weights, biases, config)
+            )
+        (combined, weights), event = self._run_normal(
             self.backend.combine,
             (x, handle, topk_weights, biases, config),
             previous_event,
@@ -506,23 +558,27 @@ class Buffer:
         """
         max_tokens = num_max_dispatch_tokens_per_rank
         stats = cumulative_local_expert_recv_stats
-        self._checked(
-            "low_latency_dispatch",
-            checks.low_latency_dispatch,
-            (
-                self,
-                x,
-                topk_idx,
-                max_tokens,
-                num_experts,
-                stats,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                return_recv_hook,
-            ),
-            low_latency=True,
-        )
+        if self._lean():  # the native op checks the tensors (same errors)
+            self._ensure_alive()
+            checks.low_latency_dispatch_lean(self)
+        else:
+            self._checked(
+                "low_latency_dispatch",
+                checks.low_latency_dispatch,
+                (
+                    self,
+                    x,
+                    topk_idx,
+                    max_tokens,
+                    num_experts,
+                    stats,
+                    use_fp8,
+                    round_scale,
+                    use_ue8m0,
+                    return_recv_hook,
+                ),
+                low_latency=True,
+            )
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
         args = (
@@ -569,12 +625,26 @@ class Buffer:
         data was written into :meth:`get_next_low_latency_combine_buffer`). Returns
         ``(combined_x [T, H] bf16, event, hook)``.
         """
-        self._checked(
-            "low_latency_combine",
-            checks.low_latency_combine,
-            (self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, return_recv_hook, out),
-            low_latency=True,
-        )
+        if self._lean():  # the native op checks the tensors (same errors)
+            self._ensure_alive()
+            checks.low_latency_combine_lean(self, topk_idx, handle, use_logfmt)
+        else:
+            self._checked(
+                "low_latency_combine",
+                checks.low_latency_combine,
+                (
+                    self,
+                    x,
+                    topk_idx,
+                    topk_weights,
+                    handle,
+                    use_logfmt,
+                    zero_copy,
+                    return_recv_hook,
+                    out,
+                ),
+                low_latency=True,
+            )
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
         args = (x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook)

@@ -44,6 +44,77 @@ def get_dispatch_layout(buf: Buffer, topk_idx: torch.Tensor, num_experts: int) -
     )
 
 
+def get_dispatch_layout_lean(buf: Buffer, num_experts: int) -> None:
+    """Without validation on a backend whose ops check their tensors (``native_checks``):
+    only what the op cannot see. The same holds for the other ``*_lean`` checks."""
+    val.check_num_experts(num_experts, buf.group_size)
+
+
+def dispatch_lean(
+    buf: Buffer,
+    data: Any,
+    handle: DispatchHandle | None,
+    layout: tuple[torch.Tensor | None, ...],
+    expert_alignment: int,
+    num_worst_tokens: int,
+) -> None:
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(data).__name__}")
+    if not isinstance(expert_alignment, int) or expert_alignment <= 0:
+        raise ValueError(f"expert_alignment must be a positive int, got {expert_alignment!r}")
+    if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+        raise ValueError(f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}")
+    if handle is not None:
+        _cached_dispatch_handle(buf, handle, data, num_worst_tokens)
+        return
+    for name, t in zip(
+        ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"),
+        layout,
+        strict=True,
+    ):
+        if t is None:
+            raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
+
+
+def _cached_dispatch_handle(
+    buf: Buffer, handle: DispatchHandle, data: torch.Tensor, num_worst_tokens: int
+) -> None:
+    """A cached dispatch's handle: from this Buffer, made for x's shape and padding."""
+    hc.check_dispatch_handle(handle, buf._id, buf.group_size)
+    tokens, hidden = data.shape[0], data.shape[-1]
+    if handle.num_tokens != tokens or handle.hidden != hidden:
+        raise ValueError(
+            f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
+            f"[{handle.num_tokens}, {handle.hidden}]"
+        )
+    if num_worst_tokens not in (0, handle.num_worst_tokens):
+        raise ValueError(
+            f"cached dispatch: num_worst_tokens={num_worst_tokens} differs from the "
+            f"handle's {handle.num_worst_tokens} (a cached dispatch keeps its shapes)"
+        )
+
+
+def combine_lean(
+    buf: Buffer,
+    x: Any,
+    handle: DispatchHandle,
+    topk_weights: torch.Tensor | None,
+) -> None:
+    hc.check_dispatch_handle(handle, buf._id, buf.group_size)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    rows = handle.num_output_rows
+    if tuple(x.shape) != (rows, handle.hidden):
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}, expected {(rows, handle.hidden)} (the rows of the "
+            "handle's dispatch)"
+        )
+    if topk_weights is not None and (
+        not isinstance(topk_weights, torch.Tensor) or topk_weights.shape[0] != rows
+    ):
+        raise ValueError(f"topk_weights must be a tensor with {rows} rows (the received rows)")
+
+
 def dispatch(
     buf: Buffer,
     data: Any,
@@ -79,18 +150,8 @@ def dispatch(
     num_topk = None
     handle_id = None
     if handle is not None:  # cached mode: the handle stands for the layout
-        hc.check_dispatch_handle(handle, buf._id, buf.group_size)
+        _cached_dispatch_handle(buf, handle, data, num_worst_tokens)
         handle_id = f"dispatch #{handle.generation}"
-        if handle.num_tokens != tokens or handle.hidden != hidden:
-            raise ValueError(
-                f"cached dispatch: x is [{tokens}, {hidden}] but the handle was made for "
-                f"[{handle.num_tokens}, {handle.hidden}]"
-            )
-        if num_worst_tokens not in (0, handle.num_worst_tokens):
-            raise ValueError(
-                f"cached dispatch: num_worst_tokens={num_worst_tokens} differs from the "
-                f"handle's {handle.num_worst_tokens} (a cached dispatch keeps its shapes)"
-            )
         num_experts = handle.num_experts
     else:
         for name, t in (
@@ -248,6 +309,26 @@ def low_latency_dispatch(
         ("use_ue8m0", use_ue8m0),
         ("return_recv_hook", return_recv_hook),
     )
+
+
+def low_latency_dispatch_lean(buf: Buffer) -> None:
+    """Without validation on a backend whose op checks its tensors (``native_checks``): only
+    what the native op cannot see. The decode hot path: no tensor property is read here."""
+    buf._hooks.check_free("dispatch")
+
+
+def low_latency_combine_lean(
+    buf: Buffer, topk_idx: torch.Tensor, handle: LowLatencyHandle, use_logfmt: bool
+) -> None:
+    """As :func:`low_latency_dispatch_lean`, for combine: the handle and hook rules."""
+    hc.check_low_latency_handle(handle, buf._id, buf.group_size)
+    hc.check_received(handle)
+    if use_logfmt:
+        raise ValueError("use_logfmt is not supported yet")
+    if not isinstance(topk_idx, torch.Tensor):
+        raise TypeError(f"topk_idx must be a torch.Tensor, got {type(topk_idx).__name__}")
+    hc.check_dispatched_topk(handle, topk_idx)
+    buf._hooks.check_free("combine")
 
 
 def low_latency_combine(

@@ -29,6 +29,7 @@ class ReferenceBackend:
     exactly as the GPU buffers would, so that capacity errors appear in the same places."""
 
     name = "reference"
+    native_checks = False
 
     def __init__(
         self, comm: Communicator, device: torch.device, num_nvl_bytes: int, num_rdma_bytes: int
