@@ -43,10 +43,12 @@ inline void check_dispatch_inputs(const at::Tensor& x, const OptTensor& x_scales
   need(r.num_tokens_per_rank, "num_tokens_per_rank");
   need(r.is_token_in_rank, "is_token_in_rank");
   need(r.num_tokens_per_expert, "num_tokens_per_expert");
-  need(topk_idx, "topk_idx");
-  check(*topk_idx, "topk_idx", at::kLong, 2, device);
-  check_size(*topk_idx, "topk_idx", 0, T);
-  if (topk_weights) {
+  // Without top-k (the engines allow it; Buffer asks for it) tokens move without expert ids.
+  if (topk_idx) {
+    check(*topk_idx, "topk_idx", at::kLong, 2, device);
+    check_size(*topk_idx, "topk_idx", 0, T);
+  }
+  if (topk_weights && topk_idx) {
     check(*topk_weights, "topk_weights", at::kFloat, 2, device);
     check_size(*topk_weights, "topk_weights", 0, T);
     check_size(*topk_weights, "topk_weights", 1, topk_idx->size(1));

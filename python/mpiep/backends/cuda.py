@@ -98,6 +98,13 @@ class CudaBackend:
                 heap_bytes=heap,
                 nvshmem_bootstrap=s.nvshmem_bootstrap,
             )
+        self._bind_low_latency()
+
+    def _bind_low_latency(self) -> None:
+        """Decode calls go straight to the engine (one Python call layer less per call)."""
+        if self.low_latency is not None:
+            self.low_latency_dispatch = self.low_latency.low_latency_dispatch  # type: ignore[method-assign]
+            self.low_latency_combine = self.low_latency.low_latency_combine  # type: ignore[method-assign]
 
     def use_comm_stream(self, stream: torch.cuda.Stream) -> None:
         """Normal-mode ops run on the Buffer's comm stream, ordered inside each op."""

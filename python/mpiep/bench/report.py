@@ -17,6 +17,9 @@ FOOTNOTE = (
     "per call (GPUs: batches of 10); synced = one call right after an MPI barrier;\n"
     "kernel (with --kernel-times) = GPU time of the call's kernels and copies (torch profiler);\n"
     "host = median - kernel, what the call costs beyond its kernels.\n"
+    "Hook rows: send phase = one call with return_recv_hook right after a barrier, from the\n"
+    "call to the end of its kernel; host call = how long that call holds the caller's thread.\n"
+    "CUDA graph replay: the same calls captured once, replayed (the kernel-only floor).\n"
     "MPI floor (CPU runs) = median of a raw mpi4py Alltoallv of the same rows between the\n"
     "same ranks, in this run; x floor = median / MPI floor."
 )

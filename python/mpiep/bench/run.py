@@ -11,6 +11,7 @@ combine row is H x 2. Low-latency counts one row per (token, expert) pair.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -425,7 +426,18 @@ def _hook_rows(
         for hook in pending:
             hook()
         pending.clear()
+    blocked = []  # how long the call holds the caller's thread (GPU idle before it)
+    for _ in range(max(2, min(s.iters, 20))):
+        comm.Barrier()
+        torch.cuda.synchronize(buf.device)
+        started = time.perf_counter()
+        send_only()
+        blocked.append(comm.allreduce((time.perf_counter() - started) * 1e6, op=MPI.MAX))
+        for hook in pending:
+            hook()
+        pending.clear()
     samples.sort()
+    blocked.sort()
     t = {
         "kernel_us": comm.allreduce(sorted(kernels)[len(kernels) // 2], op=MPI.MAX)
         if kernels
@@ -436,7 +448,18 @@ def _hook_rows(
         "synced_us": samples[len(samples) // 2],
         "iters": len(samples),
     }
-    return [Row("low-latency dispatch fp8, send phase (hook)", shape, t, 0, 0, "-")]
+    call = {
+        "kernel_us": 0.0,
+        "median_us": blocked[len(blocked) // 2],
+        "min_us": blocked[0],
+        "max_us": blocked[-1],
+        "synced_us": blocked[len(blocked) // 2],
+        "iters": len(blocked),
+    }
+    return [
+        Row("low-latency dispatch fp8, send phase (hook)", shape, t, 0, 0, "-"),
+        Row("low-latency dispatch fp8, send phase (hook): host call", shape, call, 0, 0, "-"),
+    ]
 
 
 def rows_json(rows: list[Row]) -> list[dict[str, object]]:
