@@ -6,6 +6,9 @@
 //                                            |x / scale| <= 448 here, so saturation never bites)
 //   UE8M0 byte = the exponent bits of the (rounded) scale: (bits >> 23) & 0xFF
 // Division, not multiplication by 1/scale: x * (1/scale) differs in the last bit for some x.
+// Inf and NaN (docs/semantics.md, "FP8"): the block amax keeps a NaN (max_nan), so a block
+// holding an Inf or NaN gets an Inf/NaN scale, which round_scale turns into +Inf; the whole
+// block then dequantises to NaN, as on the reference.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,11 +23,22 @@ constexpr int kBlock = 128;  // channels per scale
 constexpr float kMax = 448.0f;
 constexpr float kMinAmax = 1e-4f;
 
+// max that propagates NaN (fmaxf drops it): one instruction on sm_80+.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ float scale_from_amax(float amax, bool round_scale) {
-  float s = __fdiv_rn(fmaxf(amax, kMinAmax), kMax);
+  float s = __fdiv_rn(max_nan(amax, kMinAmax), kMax);
   if (round_scale) {
     uint32_t b = __float_as_uint(s);
-    if (b & 0x7FFFFFu) b = (b & 0xFF800000u) + 0x800000u;
+    if ((b & 0x7F800000u) == 0x7F800000u) {
+      b = 0x7F800000u;  // Inf or NaN: +Inf (a NaN's mantissa must not carry into the sign)
+    } else if (b & 0x7FFFFFu) {
+      b = (b & 0xFF800000u) + 0x800000u;
+    }
     s = __uint_as_float(b);
   }
   return s;

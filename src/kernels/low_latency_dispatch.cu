@@ -42,9 +42,9 @@ __device__ __forceinline__ void stage_token(const DispatchParams& p, int t) {
     fp8::unpack_bf16x8(__ldg(xr + g * 16 + l16), f);
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    for (int i = 0; i < 8; ++i) amax = fp8::max_nan(amax, fabsf(f[i]));
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(mask, amax, o));
+    for (int o = 8; o > 0; o >>= 1) amax = fp8::max_nan(amax, __shfl_xor_sync(mask, amax, o));
     const float s = fp8::scale_from_amax(amax, p.round_scale);
     *reinterpret_cast<uint2*>(q + g * fp8::kBlock + l16 * 8) = fp8::quantize8(f, s);
     if (l16 == 0) scales[g] = s;

@@ -558,3 +558,65 @@ def test_timeout_names_rank_and_phase(engine):
     engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
     agree(ok, msg)
     run_checked(lambda: run_case(engine, 91, 32, H, 4))  # usable again after cleaning
+
+
+@pytest.mark.parametrize("scales", ["plain", "round", "ue8m0"])
+def test_fp8_non_finite_blocks(engine, scales):
+    """docs/semantics.md "FP8": an Inf or NaN in a 128-channel block makes that block's scale
+    Inf/NaN (with round_scale and UE8M0: +Inf; before the fix the kernel's amax dropped NaN,
+    and a rounded NaN scale became -0.0) and the block dequantise to NaN; other blocks are
+    exact. Decoded values and scales equal the oracle's, NaN equal to NaN."""
+
+    seen = {"bad_rows": 0}
+
+    def body():
+        comm = world()
+        R, E, H, T = comm.size, experts_for(comm.size), 1024, 16
+        rs, ue = scales != "plain", scales == "ue8m0"
+        rng = np.random.default_rng(1234 + comm.rank)
+        idx, _ = oracle.make_routing(rng, T, 4, E, R, comm.rank, "random")
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        x[1, 5] = np.nan  # one NaN: block 0 of token 1
+        x[2, 130] = np.inf  # block 1 of token 2
+        x[3, 300] = -np.inf  # block 2 of token 3
+        x[4, 384:512] = np.nan  # a whole block
+        bits = oracle.f32_to_bf16(x)
+        everyone = comm.allgather((bits, idx))
+        dev = engine.device
+        xt = to_torch_bf16(bits, dev).reshape(T, H)
+        res = engine.low_latency_dispatch(
+            xt, torch.from_numpy(idx).to(dev), MAX_TOKENS, E, True, rs, ue, None, False
+        )
+        torch.cuda.synchronize()
+        engine.check()
+        exp = oracle.low_latency_dispatch([e[1] for e in everyone], E, comm.rank)
+        lr = res.handle.layout_range.cpu().numpy()
+        src = res.handle.src_token_idx.cpu().numpy()
+        q = res.recv_x.view(torch.uint8).cpu().numpy()
+        sc = res.recv_x_scales.cpu().numpy()
+        for j in range(E // R):
+            for s in range(R):
+                start, n = lr[j, s]
+                if n == 0:
+                    continue
+                tok = src[j, start : start + n].astype(np.int64)
+                assert np.array_equal(np.sort(tok), exp.groups[j][s]), f"expert {j} src {s}"
+                xs = oracle.bf16_to_f32(everyone[s][0][tok]).reshape(n, H)
+                want_q, want_s = oracle.per_token_cast_to_fp8(xs, rs, ue)
+                got_q = oracle.e4m3_decode(q[j, start : start + n])
+                assert np.array_equal(got_q, oracle.e4m3_decode(want_q), equal_nan=True), (
+                    f"expert {j} src {s}: fp8 values differ"
+                )
+                got_s = sc[j, start : start + n]
+                assert np.array_equal(got_s, want_s, equal_nan=not ue), (
+                    f"expert {j} src {s}: scales {got_s[~np.isfinite(xs).any(1)][:2]} "
+                    f"vs {want_s[~np.isfinite(xs).any(1)][:2]}"
+                )
+                if rs and not ue:  # rounded: +Inf for a non-finite block, never -0.0
+                    bad_blocks = ~np.isfinite(xs.reshape(n, H // 128, 128)).all(2)
+                    assert np.all(np.isposinf(got_s[bad_blocks])), got_s[bad_blocks]
+                seen["bad_rows"] += int((~np.isfinite(xs)).any(1).sum())
+
+    run_checked(body)
+    total = world().allreduce(seen["bad_rows"])
+    agree(total > 0, "no non-finite row was received anywhere: the test tests nothing")
