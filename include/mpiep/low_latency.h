@@ -6,7 +6,9 @@
 // then data regions laid out from the call's (hidden, max_tokens, num_experts):
 //   disp_count   [E_local][R] u64   count+1 written by source rank s (0 = not yet)
 //   disp_arrival [E_local][R] u64   +1 per row after its data (NVSHMEM signal / release add)
-//   comb_arrival [max_tokens] u64   +1 per combined row received for a local token
+//   comb_arrival [max_tokens] u64   per combined row received for a local token: 1 in the low
+//                                   32 bits + a hash of its expert in the high 32 (see
+//                                   kernels/low_latency_common.cuh, combine_signal)
 //   disp_readers [E_local]    u32   local: how many receive blocks have read an expert's signals
 //   disp_send    [max][row]           staged (FP8-cast) messages of this rank's tokens
 //   disp_recv    [E_local][R][max][row]  slot of row i from source s for local expert e
@@ -15,6 +17,12 @@
 // Every signal a call writes is reset by its receiver once read, so the signal areas are all
 // zero between completed calls whatever parameters the next call uses; data regions never
 // overlap signal areas, so changing (hidden, max, E) between calls needs no cleaning.
+//
+// Rank masking (Buffer(enable_shrink=True)): Common::active points to [R] device words (1: the
+// rank takes part), read by every launch so that CUDA graphs follow mask changes. Launches then
+// skip masked ranks: no counts or rows to them, no waits on them, their experts' slots add 0
+// in combine. A wait that times out masks its peer there and the call finishes without it;
+// the host agrees on the survivors before the next call (python/mpiep/shrink.py).
 #pragma once
 
 #include <cstddef>
@@ -59,9 +67,10 @@ struct Common {
   uint8_t* const* peer_bases;  // [R] device array: peer heap mapped here (NVLink), or null: puts
   int rank;
   int num_ranks;
-  long long timeout_cycles;  // clock64 cycles a wait may spin
-  ErrorRecord* err;          // host-mapped (device view)
-  int* err_lock;             // device word: 0 until the first timeout; then everyone bails out
+  uint64_t timeout_ns;  // globaltimer nanoseconds a wait may spin
+  ErrorRecord* err;     // host-mapped (device view)
+  int* err_lock;        // device word: 0 until the first timeout; then (unmasked) all bail out
+  int* active;          // [R] device words, 1 = the rank takes part; null: no rank masking
 };
 
 struct DispatchParams {
@@ -81,6 +90,7 @@ struct DispatchParams {
   int msg_bytes;       // bytes actually moved per message (multiple of 16)
   int phases;
   int num_blocks;
+  int stall;  // test only (mpiep/test_stall.h): kStallLlDispatchCount / kStallLlDispatchData
 };
 
 struct CombineParams {
@@ -96,7 +106,12 @@ struct CombineParams {
   bool zero_copy;
   int phases;
   int num_blocks;
+  int stall;  // test only (mpiep/test_stall.h): kStallLlCombine
 };
+
+// Combine launches that may skip ranks (masking or a stall) read the top-k of a token from
+// shared memory and keep which slots to add in one 32-bit word.
+constexpr int kMaxTopkSkipping = 32;
 
 // Bytes of one dispatch message slot: 16-byte header (source token id) + BF16 payload. The FP8
 // payload (H bytes + H/128 f32 scales) fits inside.

@@ -10,6 +10,7 @@
 #include "bindings.h"
 #include "mpiep/errors.h"
 #include "mpiep/low_latency.h"
+#include "mpiep/test_stall.h"
 #include "runtime/low_latency_context.h"
 #include "runtime/nvshmem_runtime.h"
 
@@ -44,6 +45,13 @@ void bind_low_latency(py::module_& m) {
   m.def("nvshmem_finalize", &nvshmem_rt::finalize);
   m.attr("LL_SEND_PHASE") = static_cast<int>(ll::kSendPhase);
   m.attr("LL_RECV_PHASE") = static_cast<int>(ll::kRecvPhase);
+  py::dict stall;  // python/mpiep/stall.py holds the same names and values
+  stall["ll_dispatch_count"] = static_cast<int>(kStallLlDispatchCount);
+  stall["ll_dispatch_data"] = static_cast<int>(kStallLlDispatchData);
+  stall["ll_combine"] = static_cast<int>(kStallLlCombine);
+  stall["dispatch"] = static_cast<int>(kStallDispatch);
+  stall["combine"] = static_cast<int>(kStallCombine);
+  m.attr("TEST_STALL_PHASES") = stall;
 
   py::class_<LowLatencyContext>(m, "LowLatencyContext")
       .def(py::init<int, size_t, bool, int, double>(), py::arg("device"), py::arg("heap_bytes"),
@@ -55,6 +63,14 @@ void bind_low_latency(py::module_& m) {
                  ctx.combine_send_buffer(buffer, hidden, max_tokens, num_experts));
            })
       .def("clean", &LowLatencyContext::clean)
+      .def("quiet", &LowLatencyContext::quiet)
+      .def("reset_signals", &LowLatencyContext::reset_signals)
+      .def("enable_masking", &LowLatencyContext::enable_masking)
+      .def_property_readonly("masking", &LowLatencyContext::masking)
+      .def("set_active", &LowLatencyContext::set_active, py::arg("active"))
+      .def_property_readonly("active", &LowLatencyContext::active)
+      .def("set_test_stall", &LowLatencyContext::set_test_stall, py::arg("phases"))
+      .def_property_readonly("test_stall", &LowLatencyContext::test_stall)
       .def("error",
            [](const LowLatencyContext& ctx) -> py::object {
              // None, or (rank, phase, peer, index, observed, expected) of the first timeout.

@@ -10,6 +10,11 @@
 // The count can travel before the data because the receiver waits for the arrivals too; each
 // arrival is released after its row's data (NVLink: warp stores, __syncwarp, red.release.sys;
 // puts: putmem_signal orders the signal after the data).
+//
+// Two instantiations: kSkips = false is the plain kernel; kSkips = true (rank masking, or the
+// test stall) sends only where its block's copy of send_bits allows (one shared-memory read per
+// expert and per pair), does not wait on masked sources (count 0, layout (start, 0)), and on a
+// timeout masks the silent source and finishes without it.
 #include <cuda_runtime.h>
 
 #include "kernels/fp8.cuh"
@@ -51,13 +56,17 @@ __device__ __forceinline__ void stage_token(const DispatchParams& p, int t) {
   }
 }
 
-__device__ void send_phase(const DispatchParams& p) {
+template <bool kSkips>
+__device__ void send_phase(const DispatchParams& p, const uint8_t* s_send) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
   const int R = p.c.num_ranks, E = p.num_experts, EL = E / R, T = p.num_tokens, K = p.num_topk;
   const int M = p.max_tokens;
 
   // (1) counts, one warp per expert over the whole grid (T = 0 still sends zero counts).
   for (int e = blockIdx.x * nw + warp; e < E; e += gridDim.x * nw) {
+    if constexpr (kSkips) {
+      if (!(s_send[e / EL] & kSendCounts)) continue;
+    }
     int n = 0;
 #pragma unroll 8  // independent loads in flight: topk_idx is L2-resident, latency-bound
     for (int i = lane; i < T * K; i += 32) n += (__ldg(p.topk_idx + i) == e);
@@ -76,6 +85,9 @@ __device__ void send_phase(const DispatchParams& p) {
     const int t = blockIdx.x + (q / K) * gridDim.x, k = q % K;
     const int64_t e = __ldg(p.topk_idx + t * K + k);
     if (e < 0) continue;
+    if constexpr (kSkips) {
+      if (!(s_send[e / EL] & kSendRows)) continue;
+    }
     int before = 0;
 #pragma unroll 8
     for (int i = lane; i < t * K + k; i += 32) before += (__ldg(p.topk_idx + i) == e);
@@ -84,7 +96,7 @@ __device__ void send_phase(const DispatchParams& p) {
     const int dst = int(e / EL), el = int(e % EL);
     uint8_t* slot = p.r.disp_recv + (size_t(el * R + p.c.rank) * M + before) * p.row_bytes;
     warp_send<kPlain>(p.c, slot, p.r.disp_send + size_t(t) * p.row_bytes, p.msg_bytes,
-                      p.r.disp_arrival + el * R + p.c.rank, dst, lane);
+                      p.r.disp_arrival + el * R + p.c.rank, 1, dst, lane);
   }
 }
 
@@ -117,26 +129,29 @@ __device__ __forceinline__ void copy_out(const DispatchParams& p, const uint8_t*
   }
 }
 
-__device__ void recv_phase(const DispatchParams& p) {
-  extern __shared__ int smem[];
+template <bool kSkips>
+__device__ void recv_phase(const DispatchParams& p, int* s_count, int* s_start) {
   __shared__ int s_total, s_last;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
   const int R = p.c.num_ranks, EL = p.num_experts / R, M = p.max_tokens;
-  int* s_count = smem;
-  int* s_start = smem + R;
+  const bool masking = kSkips && p.c.active != nullptr;
   // Several blocks per expert when there are fewer experts than blocks.
   const int bpe = max(1, int(gridDim.x) / EL), groups = gridDim.x / bpe;
   const int g = blockIdx.x / bpe, sub = blockIdx.x % bpe;
   if (g >= groups) return;
   for (int el = g; el < EL; el += groups) {
     for (int s = threadIdx.x; s < R; s += blockDim.x) {
-      bool failed = false;
-      uint64_t v =
-          spin_wait(p.c, p.r.disp_count + el * R + s, true, 0, kWaitDispatchCount, s, el, &failed);
-      int n = failed ? 0 : min(int(v - 1), M);
-      if (!failed) {
-        spin_wait(p.c, p.r.disp_arrival + el * R + s, false, uint64_t(n), kWaitDispatchData, s, el,
-                  &failed);
+      int n = 0;  // a masked source, or one that timed out, contributes no rows
+      if (!masking || rank_active(p.c, s)) {
+        bool failed = false;
+        const uint64_t v = spin_wait(p.c, p.r.disp_count + el * R + s, true, 0, kWaitDispatchCount,
+                                     s, el, masking, &failed);
+        if (!failed) {
+          n = min(int(v - 1), M);
+          spin_wait(p.c, p.r.disp_arrival + el * R + s, false, uint64_t(n), kWaitDispatchData, s,
+                    el, masking, &failed);
+        }
+        if (failed) n = 0;
       }
       s_count[s] = n;
     }
@@ -191,17 +206,30 @@ __device__ void recv_phase(const DispatchParams& p) {
   }
 }
 
+// Dynamic shared memory: s_count[R], s_start[R] (receive), then s_send[R] bytes (kSkips).
+template <bool kSkips>
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_kernel(const __grid_constant__ DispatchParams p) {
-  if (p.phases & kSendPhase) send_phase(p);
-  if (p.phases & kRecvPhase) recv_phase(p);
+  extern __shared__ int smem[];
+  const int R = p.c.num_ranks;
+  uint8_t* s_send = reinterpret_cast<uint8_t*>(smem + 2 * R);
+  if constexpr (kSkips) {
+    if (p.phases & kSendPhase) {
+      load_send_bits(p.c, p.stall, s_send);
+      __syncthreads();
+    }
+  }
+  if (p.phases & kSendPhase) send_phase<kSkips>(p, s_send);
+  if (p.phases & kRecvPhase) recv_phase<kSkips>(p, smem, smem + R);
 }
 
 }  // namespace
 
 void launch_dispatch(const DispatchParams& p, void* stream) {
-  const size_t smem = size_t(2) * p.c.num_ranks * sizeof(int);
-  dispatch_kernel<<<p.num_blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  const bool skips = p.c.active != nullptr || p.stall != 0;
+  const size_t smem = size_t(2) * p.c.num_ranks * sizeof(int) + (skips ? p.c.num_ranks : 0);
+  const auto kernel = skips ? dispatch_kernel<true> : dispatch_kernel<false>;
+  kernel<<<p.num_blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   MPIEP_CUDA_CHECK(cudaGetLastError());
 }
 

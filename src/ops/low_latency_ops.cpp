@@ -18,9 +18,9 @@ LowLatencyContext& context(int64_t address) {
     throw Error(ErrorCode::kTimeout,
                 "rank " + std::to_string(e->rank) + ": low-latency " +
                     (phase == 3 ? "combine" : "dispatch") + " timed out after " +
-                    std::to_string(ctx.timeout_s()) + "s waiting for " + what[phase] +
-                    " from rank " + std::to_string(e->peer) + " (index " +
-                    std::to_string(e->index) + ": saw " + std::to_string(e->observed) +
+                    std::to_string(ctx.timeout_s()) + "s waiting for " + what[phase] + " from " +
+                    (e->peer >= 0 ? "rank " + std::to_string(e->peer) : "its experts' ranks") +
+                    " (index " + std::to_string(e->index) + ": saw " + std::to_string(e->observed) +
                     ", expected " + std::to_string(e->expected) +
                     "); a peer crashed, hangs or skipped the call. Call "
                     "clean_low_latency_buffer on every rank to recover");

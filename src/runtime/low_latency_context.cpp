@@ -4,6 +4,7 @@
 #include <string>
 
 #include "mpiep/errors.h"
+#include "mpiep/test_stall.h"
 #include "runtime/nvshmem_runtime.h"
 
 namespace mpiep {
@@ -36,12 +37,8 @@ LowLatencyContext::LowLatencyContext(int device, size_t heap_bytes, bool allow_n
                                             const_cast<ll::ErrorRecord*>(err_host_), 0));
   MPIEP_CUDA_CHECK(cudaMalloc(&err_lock_, sizeof(int)));
   MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
-  int khz = 0;
-  if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device_) != cudaSuccess || khz <= 0) {
-    (void)cudaGetLastError();
-    khz = 2000000;
-  }
-  clock_khz_ = khz;
+  MPIEP_CUDA_CHECK(cudaMalloc(&active_, size_ * sizeof(int)));
+  set_active(std::vector<int>(size_, 1));
   set_timeout(timeout_s);
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_rt::barrier_all();
@@ -57,7 +54,6 @@ LowLatencyContext::~LowLatencyContext() {
 void LowLatencyContext::set_timeout(double s) {
   MPIEP_CHECK_ARG(s > 0, "timeout_s must be positive");
   timeout_s_ = s;
-  timeout_cycles_ = static_cast<long long>(s * clock_khz_ * 1000.0);
 }
 
 namespace {
@@ -99,6 +95,7 @@ void LowLatencyContext::dispatch(const LowLatencyDispatchCall& c, cudaStream_t s
   p.msg_bytes = static_cast<int>(ll::align_up(msg, 16));
   p.phases = c.phases;
   p.num_blocks = num_blocks_;
+  p.stall = stall_ & (kStallLlDispatchCount | kStallLlDispatchData);
   ll::launch_dispatch(p, stream);
 }
 
@@ -122,6 +119,7 @@ void LowLatencyContext::combine(const LowLatencyCombineCall& c, cudaStream_t str
   p.zero_copy = c.zero_copy;
   p.phases = c.phases;
   p.num_blocks = num_blocks_;
+  p.stall = stall_ & kStallLlCombine;
   ll::launch_combine(p, stream);
 }
 
@@ -132,13 +130,49 @@ uint8_t* LowLatencyContext::combine_send_buffer(int buffer, int hidden, int max_
 }
 
 void LowLatencyContext::clean() {
+  // Puts of every PE land before anyone zeroes, and nobody sends again before all have.
+  quiet();
+  nvshmem_rt::barrier_all();
+  reset_signals();
+  nvshmem_rt::barrier_all();
+}
+
+void LowLatencyContext::quiet() {
+  MPIEP_CHECK_ARG(heap_ != nullptr, "the low-latency context was destroyed");
+  MPIEP_CUDA_CHECK(cudaSetDevice(device_));
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_rt::quiet_device();
+}
+
+void LowLatencyContext::reset_signals() {
+  MPIEP_CHECK_ARG(heap_ != nullptr, "the low-latency context was destroyed");
   MPIEP_CUDA_CHECK(cudaSetDevice(device_));
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
   for (int h = 0; h < 2; ++h) MPIEP_CUDA_CHECK(cudaMemset(heap_ + h * half_bytes_, 0, kSignal()));
   MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
   std::memset(const_cast<ll::ErrorRecord*>(err_host_), 0, sizeof(ll::ErrorRecord));
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
-  nvshmem_rt::barrier_all();
+}
+
+void LowLatencyContext::set_active(const std::vector<int>& active) {
+  MPIEP_CHECK_ARG(static_cast<int>(active.size()) == size_, "set_active: one word per rank");
+  MPIEP_CUDA_CHECK(cudaSetDevice(device_));
+  // No launch of this rank may read the words while they change.
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<int> words(active.size());
+  for (size_t r = 0; r < active.size(); ++r) words[r] = active[r] != 0;
+  MPIEP_CUDA_CHECK(
+      cudaMemcpy(active_, words.data(), words.size() * sizeof(int), cudaMemcpyHostToDevice));
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<int> LowLatencyContext::active() const {
+  std::vector<int> words(size_);
+  MPIEP_CUDA_CHECK(cudaSetDevice(device_));
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  MPIEP_CUDA_CHECK(
+      cudaMemcpy(words.data(), active_, words.size() * sizeof(int), cudaMemcpyDeviceToHost));
+  return words;
 }
 
 std::optional<ll::ErrorRecord> LowLatencyContext::error() const {
@@ -157,6 +191,8 @@ void LowLatencyContext::destroy() {
   heap_ = nullptr;
   cudaFree(peer_bases_);
   cudaFree(err_lock_);
+  cudaFree(active_);
+  active_ = nullptr;
   cudaFreeHost(const_cast<ll::ErrorRecord*>(err_host_));
   err_host_ = nullptr;
 }
@@ -188,9 +224,10 @@ ll::Common LowLatencyContext::common() const {
   c.peer_bases = peer_bases_;
   c.rank = rank_;
   c.num_ranks = size_;
-  c.timeout_cycles = timeout_cycles_;
+  c.timeout_ns = static_cast<uint64_t>(timeout_s_ * 1e9);
   c.err = err_dev_;
   c.err_lock = err_lock_;
+  c.active = masking_ ? active_ : nullptr;
   return c;
 }
 

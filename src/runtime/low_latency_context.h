@@ -1,6 +1,7 @@
 // The low-latency mode's per-Buffer runtime: the NVSHMEM symmetric heap (two halves, double
-// buffering), the table of peers mapped by NVLink, the host-mapped timeout record, and the
-// launches of the dispatch / combine kernels on a caller's stream. Torch-free.
+// buffering), the table of peers mapped by NVLink, the host-mapped timeout record, the device
+// words of rank masking, and the launches of the dispatch / combine kernels on a caller's
+// stream. Torch-free.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -57,12 +58,26 @@ class MPIEP_API LowLatencyContext {
   void combine(const LowLatencyCombineCall& c, cudaStream_t stream);
   // The symmetric area the next combine into `buffer` sends from (zero-copy combine).
   uint8_t* combine_send_buffer(int buffer, int hidden, int max_tokens, int num_experts) const;
-  // Zeroes every signal and the timeout state on this rank; the caller synchronises its
-  // streams first and barriers after (all ranks clean together).
+  // Every rank together (none masked): quiet, barrier, reset_signals, barrier (NVSHMEM's).
   void clean();
+  // The two halves of a clean among the active ranks only, whose barriers the caller runs
+  // (MPI over the active ranks: NVSHMEM's barrier would wait for a masked PE): quiet() on
+  // every active rank, barrier, reset_signals(), barrier.
+  void quiet();          // this PE's NVSHMEM puts have completed (device-side quiet)
+  void reset_signals();  // zero every signal of both halves and the timeout state
   // The first timed-out wait, if any.
   std::optional<ll::ErrorRecord> error() const;
   void destroy();
+
+  // Rank masking: from enable_masking() on, every launch reads the device words set by
+  // set_active ([R], 1 = takes part); a timed-out wait clears its peer's word.
+  void enable_masking() { masking_ = true; }
+  bool masking() const { return masking_; }
+  void set_active(const std::vector<int>& active);
+  std::vector<int> active() const;  // the device words now (synchronises the device)
+  // Test only (mpiep/test_stall.h): this rank withholds its part of the given phases.
+  void set_test_stall(int phases) { stall_ = phases; }
+  int test_stall() const { return stall_; }
 
   std::vector<bool> nvlink_peers() const { return nvlink_peers_; }
   size_t half_bytes() const { return half_bytes_; }
@@ -77,15 +92,17 @@ class MPIEP_API LowLatencyContext {
   ll::Common common() const;
   ll::Regions regions(int buffer, int hidden, int max_tokens, int num_experts) const;
 
-  int device_ = 0, num_blocks_ = 1, rank_ = 0, size_ = 1, clock_khz_ = 0;
+  int device_ = 0, num_blocks_ = 1, rank_ = 0, size_ = 1;
   size_t half_bytes_ = 0;
   uint8_t* heap_ = nullptr;
   uint8_t** peer_bases_ = nullptr;
   volatile ll::ErrorRecord* err_host_ = nullptr;
   ll::ErrorRecord* err_dev_ = nullptr;
   int* err_lock_ = nullptr;
+  int* active_ = nullptr;  // [R] device words of rank masking
+  bool masking_ = false;
+  int stall_ = 0;
   double timeout_s_ = 0;
-  long long timeout_cycles_ = 0;
   std::vector<bool> nvlink_peers_;
 };
 

@@ -138,6 +138,17 @@ void barrier_all() {
   if (g_initialized) nvshmem_barrier_all();
 }
 
+namespace {
+__global__ void quiet_kernel() { nvshmem_quiet(); }
+}  // namespace
+
+void quiet_device() {
+  if (!g_initialized) return;
+  quiet_kernel<<<1, 1>>>();
+  MPIEP_CUDA_CHECK(cudaGetLastError());
+  MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 void finalize() {
   if (!g_initialized) return;
   nvshmem_finalize();

@@ -27,6 +27,9 @@ void* alloc(size_t bytes);          // collective: same size on every PE
 void release(void* ptr);            // collective
 void* peer_ptr(void* ptr, int pe);  // NVLink-mapped address of ptr on pe, or null
 void barrier_all();
+// Completes this PE's NVSHMEM operations issued so far, kernels' puts included: a one-thread
+// kernel calling nvshmem_quiet, then a device synchronisation.
+void quiet_device();
 void finalize();
 
 }  // namespace nvshmem_rt
