@@ -54,6 +54,8 @@ enum DevicePhase : int {
   kPhaseCombineRecv = 6,      // source waiting for a forwarder's reduced rows
   kPhaseCapacity = 7,         // a receive does not fit a buffer (peer = that rank)
   kPhaseWorstTokens = 8,      // a rank receives more rows than num_worst_tokens
+  kPhaseDispatchBarrier = 9,  // kPhaseBarrier of the dispatch kernel
+  kPhaseCombineBarrier = 10,  // kPhaseBarrier of the combine kernel
 };
 
 // The NVLink (CUDA IPC) control area at the start of every rank's NVLink buffer.

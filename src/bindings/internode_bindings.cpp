@@ -57,6 +57,8 @@ void bind_internode(py::module_& m) {
       .def_property_readonly("nvl_row_bytes", &InternodeRuntime::nvl_row_bytes)
       .def_property_readonly("rdma_data_bytes", &InternodeRuntime::rdma_data_bytes)
       .def("check_error", &InternodeRuntime::check_error)
+      .def("set_test_stall", &InternodeRuntime::set_test_stall, py::arg("phases"))
+      .def_property_readonly("test_stall", &InternodeRuntime::test_stall)
       .def_property_readonly(
           "address", [](const InternodeRuntime& r) { return reinterpret_cast<uintptr_t>(&r); });
 }

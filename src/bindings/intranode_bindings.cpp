@@ -37,6 +37,8 @@ void bind_intranode(py::module_& m) {
       .def_property_readonly("alive", &IntranodeRuntime::alive)
       .def_property_readonly("row_area_bytes", &IntranodeRuntime::row_area_bytes)
       .def("check_error", &IntranodeRuntime::check_error)
+      .def("set_test_stall", &IntranodeRuntime::set_test_stall, py::arg("phases"))
+      .def_property_readonly("test_stall", &IntranodeRuntime::test_stall)
       .def_property_readonly(
           "address", [](const IntranodeRuntime& r) { return reinterpret_cast<uintptr_t>(&r); });
 }

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t staged_rows = p.staged ? tb.status(kMaxRdmaRows) : 0;
   if (fits(p, tb, tb.status(kMaxFwdRows), row_bytes, tb.status(kMaxSendRows), row_bytes,
            staged_rows, row_bytes, 0) &&
-      start_barrier(p, epoch)) {
+      start_barrier(p, epoch, kPhaseCombineBarrier)) {
     return_phase(a, tb, cn, row_bytes, w_off, gw, num_warps);
     if (reduce_phase(a, tb, row_bytes, w_off, uint64_t(epoch), gw, num_warps))
       sum_phase(a, tb, row_bytes, w_off, uint64_t(epoch), gw, num_warps);

@@ -200,8 +200,9 @@ __device__ __forceinline__ void rdma_send_warp(const Peers& p, int64_t dst_offse
 // Start-of-kernel barrier with every rank this kernel writes to: the node's NVLink peers
 // and the same-local-index rank of every node. A rank writes into a peer's buffers only
 // once the peer has started the same epoch's kernel, i.e. (stream order) finished every
-// earlier one. Block 0 announces; every block waits. Returns false on timeout.
-__device__ __forceinline__ bool start_barrier(const Peers& p, int64_t epoch) {
+// earlier one. Block 0 announces; every block waits. Returns false on timeout, reported as
+// `phase` (the dispatch or the combine barrier).
+__device__ __forceinline__ bool start_barrier(const Peers& p, int64_t epoch, int phase) {
   __shared__ int ok;
   const Topology& tp = p.topo;
   if (blockIdx.x == 0) {
@@ -216,12 +217,12 @@ __device__ __forceinline__ bool start_barrier(const Peers& p, int64_t epoch) {
   if (threadIdx.x < tp.local_ranks) {
     const int j = threadIdx.x;
     const uint64_t* f = reinterpret_cast<const uint64_t*>(&p.nvl_ctrl[tp.local]->barrier[j]);
-    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, tp.node * tp.local_ranks + j)) ok = 0;
+    if (!wait_at_least(p, f, uint64_t(epoch), phase, tp.node * tp.local_ranks + j)) ok = 0;
   } else if (threadIdx.x < tp.local_ranks + tp.num_nodes) {
     const int m = threadIdx.x - tp.local_ranks;
     const uint64_t* f =
         reinterpret_cast<const uint64_t*>(rdma_local(p, p.rdma_ctrl.barrier_flag + int64_t(m) * 8));
-    if (!wait_at_least(p, f, uint64_t(epoch), kPhaseBarrier, m * tp.local_ranks + tp.local)) ok = 0;
+    if (!wait_at_least(p, f, uint64_t(epoch), phase, m * tp.local_ranks + tp.local)) ok = 0;
   }
   __syncthreads();
   return ok != 0;

@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t staged_rows = p.staged ? tb.status(kMaxSendRows) : 0;
   if (fits(p, tb, tb.status(kMaxRecv), rw.nvl, tb.status(kMaxRdmaRows), rw.rdma, staged_rows,
            rw.rdma, a.worst ? a.num_out_rows : 0) &&
-      start_barrier(p, epoch)) {
+      start_barrier(p, epoch, kPhaseDispatchBarrier)) {
     send_phase(a, tb, cn, rw, uint64_t(epoch), gw, num_warps);
     if (forward_phase(a, tb, rw, uint64_t(epoch), gw, num_warps) &&
         receive_phase(a, tb, cn, rw, gw, num_warps) && a.worst)

@@ -94,8 +94,8 @@ __device__ void send_segment(const CombineArgs& a, int row_bytes, int w_off, uin
   }
 }
 
-__device__ void reduce_segment(const CombineArgs& a, int row_bytes, int w_off, uint32_t epoch,
-                               int g, int S) {
+__device__ void reduce_segment(const CombineArgs& a, int row_bytes, int w_off, int64_t epoch, int g,
+                               int S) {
   const PeerPointers& p = a.peers;
   const int R = p.num_ranks, me = p.rank, K = a.num_topk, T = a.num_tokens;
   const int lane = threadIdx.x % 32;
@@ -124,10 +124,11 @@ __device__ void reduce_segment(const CombineArgs& a, int row_bytes, int w_off, u
       const uint64_t deadline = global_ns() + p.timeout_ns;
       while (true) {
         const uint64_t f = ld_acquire_sys(&own->combine_flag[lane][g]);
-        if (static_cast<uint32_t>(f >> 32) == epoch) known = static_cast<int>(f & 0xffffffffu);
+        if (static_cast<uint32_t>(f >> 32) == static_cast<uint32_t>(epoch))
+          known = static_cast<int>(f & 0xffffffffu);
         if (known > t - t0) break;
         if (global_ns() > deadline) {
-          report_error(p.host, kPhaseCombineRecv, lane);
+          report_error(p.host, kPhaseCombineRecv, silent_source(p, epoch, lane));
           failed = true;
           break;
         }
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sender) {
       send_segment(a, row_bytes, w_off, static_cast<uint32_t>(epoch), g, S);
     } else {
-      reduce_segment(a, row_bytes, w_off, static_cast<uint32_t>(epoch), g, S);
+      reduce_segment(a, row_bytes, w_off, epoch, g, S);
     }
   }
   finish_data_kernel(own, epoch);

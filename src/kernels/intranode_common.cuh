@@ -117,6 +117,16 @@ __device__ __forceinline__ bool data_barrier(const PeerPointers& p, int64_t epoc
   return ok != 0;
 }
 
+// The rank a timed-out receiver names: a source that has not started this call's data kernel
+// (it never announced `epoch` at the start barrier: it is the one that stopped, the others wait
+// for it), else `waited` (the source it waited on). Timeout path only.
+static __device__ __noinline__ int silent_source(const PeerPointers& p, int64_t epoch, int waited) {
+  const Control* own = p.ctrl[p.rank];
+  for (int s = 0; s < p.num_ranks; ++s)
+    if (s != p.rank && ld_acquire_sys(&own->data_barrier[s]) < epoch) return s;
+  return waited;
+}
+
 // Every block reads the epoch at entry (read_data_epoch); the last block to leave
 // advances it. Keeping the epoch on the device makes captured CUDA graphs replay right.
 __device__ __forceinline__ int64_t read_data_epoch(Control* own) {

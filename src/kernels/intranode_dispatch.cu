@@ -177,7 +177,7 @@ __device__ __forceinline__ void copy_out_row(const DispatchArgs& a, const RowLay
   if (lane == 0) a.recv_src_idx[r] = __ldcg(meta + 2 * K);
 }
 
-__device__ void recv_segment(const DispatchArgs& a, const RowLayout& l, uint32_t epoch, int g,
+__device__ void recv_segment(const DispatchArgs& a, const RowLayout& l, int64_t epoch, int g,
                              int S) {
   const PeerPointers& p = a.peers;
   const int R = p.num_ranks, me = p.rank, lane = threadIdx.x % 32;
@@ -196,7 +196,7 @@ __device__ void recv_segment(const DispatchArgs& a, const RowLayout& l, uint32_t
       if (lane == s) f = ld_acquire_sys(&own->dispatch_flag[s][g]);
       f = __shfl_sync(kFullMask, f, s);
       __syncwarp();
-      if (static_cast<uint32_t>(f >> 32) != epoch) continue;
+      if (static_cast<uint32_t>(f >> 32) != static_cast<uint32_t>(epoch)) continue;
       const int done = static_cast<int>(f & 0x7fffffffu);
       const bool fin = (f >> 31) & 1u;
       int from = __shfl_sync(kFullMask, copied, s);
@@ -212,9 +212,10 @@ __device__ void recv_segment(const DispatchArgs& a, const RowLayout& l, uint32_t
     if (progressed) {
       deadline = global_ns() + p.timeout_ns;
     } else if (global_ns() > deadline) {
-      // Name the first source still missing.
+      // Name the source that never started, else the first source still missing.
       const unsigned missing = __ballot_sync(kFullMask, !finished);
-      if (lane == 0) report_error(p.host, kPhaseDispatchRecv, __ffs(missing) - 1);
+      if (lane == 0)
+        report_error(p.host, kPhaseDispatchRecv, silent_source(p, epoch, __ffs(missing) - 1));
       return;
     }
   }
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (sender) {
       send_segment(a, l, static_cast<uint32_t>(epoch), g, S);
     } else {
-      recv_segment(a, l, static_cast<uint32_t>(epoch), g, S);
+      recv_segment(a, l, epoch, g, S);
       if (a.worst) pad_tail(a, g, S);
     }
   }

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "mpiep/errors.h"
+#include "mpiep/test_stall.h"
 #include "runtime/host_wait.h"
 #include "runtime/nvshmem_runtime.h"
 
@@ -139,6 +140,10 @@ std::string internode_phase_name(int phase) {
       return "internode notify (count exchange)";
     case kPhaseBarrier:
       return "internode start barrier";
+    case kPhaseDispatchBarrier:
+      return "internode dispatch start barrier";
+    case kPhaseCombineBarrier:
+      return "internode combine start barrier";
     case kPhaseDispatchForward:
       return "internode dispatch, forwarder waiting for RDMA rows";
     case kPhaseDispatchRecv:
@@ -217,6 +222,7 @@ std::vector<int> InternodeRuntime::recv_per_expert(int num_local) const {
 void InternodeRuntime::dispatch(DispatchArgs a, cudaStream_t stream) {
   require_open();
   check_error();
+  if (stall_ & kStallDispatch) return;  // test only: the peers must time out
   a.peers = peers();
   launch_dispatch(a, stream);
 }
@@ -224,6 +230,7 @@ void InternodeRuntime::dispatch(DispatchArgs a, cudaStream_t stream) {
 void InternodeRuntime::combine(CombineArgs a, cudaStream_t stream) {
   require_open();
   check_error();
+  if (stall_ & kStallCombine) return;  // test only: the peers must time out
   a.peers = peers();
   launch_combine(a, stream);
 }

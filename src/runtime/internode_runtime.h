@@ -49,6 +49,10 @@ class MPIEP_API InternodeRuntime {
   void dispatch(internode::DispatchArgs a, cudaStream_t stream);
   void combine(internode::CombineArgs a, cudaStream_t stream);
   void check_error() const;
+  // Test only (mpiep/test_stall.h): kStallDispatch / kStallCombine skip this rank's data
+  // kernel of that phase (notify still runs), so that its peers time out.
+  void set_test_stall(int phases) { stall_ = phases; }
+  int test_stall() const { return stall_; }
 
  private:
   internode::Peers peers() const;
@@ -60,6 +64,7 @@ class MPIEP_API InternodeRuntime {
   double timeout_s_;
   bool force_puts_, staged_ = true, opened_ = false;
   int64_t next_token_ = 0;
+  int stall_ = 0;
   internode::RdmaControlLayout ctrl_{};
   std::unique_ptr<IpcBuffer> nvl_;
   std::vector<void*> nvl_ptrs_;  // [L] after open_peers

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "mpiep/errors.h"
+#include "mpiep/test_stall.h"
 
 namespace mpiep {
 
@@ -109,6 +110,7 @@ std::vector<int> IntranodeRuntime::recv_per_expert(int num_local) const {
 void IntranodeRuntime::dispatch(DispatchArgs a, cudaStream_t stream) {
   require_open();
   check_error();
+  if (stall_ & kStallDispatch) return;  // test only: the peers must time out
   a.peers = peers();
   launch_dispatch(a, stream);
 }
@@ -116,6 +118,7 @@ void IntranodeRuntime::dispatch(DispatchArgs a, cudaStream_t stream) {
 void IntranodeRuntime::combine(CombineArgs a, cudaStream_t stream) {
   require_open();
   check_error();
+  if (stall_ & kStallCombine) return;  // test only: the peers must time out
   a.peers = peers();
   launch_combine(a, stream);
 }

@@ -41,6 +41,10 @@ class MPIEP_API IntranodeRuntime {
   void dispatch(intranode::DispatchArgs a, cudaStream_t stream);
   void combine(intranode::CombineArgs a, cudaStream_t stream);
   void check_error() const;
+  // Test only (mpiep/test_stall.h): kStallDispatch / kStallCombine skip this rank's data
+  // kernel of that phase (notify still runs), so that its peers time out.
+  void set_test_stall(int phases) { stall_ = phases; }
+  int test_stall() const { return stall_; }
 
  private:
   intranode::PeerPointers peers() const;
@@ -51,6 +55,7 @@ class MPIEP_API IntranodeRuntime {
   double timeout_s_;
   int64_t next_token_ = 0;
   bool opened_ = false;
+  int stall_ = 0;
   std::unique_ptr<IpcBuffer> buffer_;
   std::unique_ptr<HostCounters> counters_;
 };
