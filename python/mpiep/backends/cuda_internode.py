@@ -118,6 +118,7 @@ class InternodeEngine(NativeNormalEngine):
         self._rt = rt
         self._ops = native.ops()
         self._address = int(rt.address)
+        self.set_test_stall(None)  # MPIEP_TEST_STALL, tests only
         self.nvl_row_bytes = int(rt.nvl_row_bytes)
         self.rdma_data_bytes = int(rt.rdma_data_bytes)
         self.staged = bool(rt.staged)

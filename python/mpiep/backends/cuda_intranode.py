@@ -86,6 +86,7 @@ class IntranodeEngine(NativeNormalEngine):
         self.row_area_bytes = int(rt.row_area_bytes)
         self._ops = native.ops()
         self._address = int(rt.address)
+        self.set_test_stall(None)  # MPIEP_TEST_STALL, tests only
 
     # -- the native entries ------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mpiep import stall
 from mpiep.backends.base import DispatchResult, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
@@ -154,6 +155,14 @@ class NativeNormalEngine:
             raise ValueError(f"combine: at most two bias tensors, got {len(bias)}")
         b0, b1 = (*bias, None, None)[:2]
         return self._native_combine(address, x, handle, topk_weights, st, b0, b1, config)
+
+    def set_test_stall(self, phases: str | int | None) -> None:
+        """Tests only (mpiep.stall): this rank skips its data kernel of ``dispatch`` and/or
+        ``combine`` (notify still runs), so that its peers time out. ``None`` reads
+        ``MPIEP_TEST_STALL``."""
+        bits = stall.from_env(self.rank) if phases is None else stall.parse(phases)
+        if self._rt is not None:
+            self._rt.set_test_stall(bits & stall.NORMAL)
 
     def check_errors(self) -> None:
         """Raise if a kernel reported a timeout or overflow (else seen at the next call)."""
