@@ -4,7 +4,9 @@ A Buffer created with ``enable_shrink=True`` keeps a set of active ranks. While 
 active nothing here runs. When ranks are masked (by the caller, or because they stopped
 answering), the active ranks build a communicator of their own (``MPI_Comm_create_group``,
 collective over its members only, so a dead rank cannot block it) and low-latency calls run
-there, with the masked ranks' experts treated as absent (``mpiep.masked_ll``).
+there, with the masked ranks' experts treated as absent: on the GPU kernels, which mask ranks
+themselves (``on_change`` hands them each agreed mask), or else on a reference backend over
+that communicator (``mpiep.masked_ll``).
 
 Agreement uses point-to-point messages with the Buffer's timeout on the Buffer's private
 communicator (tags from ``TAG_BASE``; MPI never matches them with collectives, so an abandoned
@@ -21,7 +23,7 @@ collective on that communicator does not disturb them):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,13 +68,30 @@ def _exchange(
     return got
 
 
+MaskChanged = Callable[[list[int], Communicator | None], None]
+
+
 class RankMask:
     """The active ranks of one Buffer, and the communicator low-latency calls use while some
-    rank is masked."""
+    rank is masked.
 
-    def __init__(self, comm: Communicator, device: torch.device, nvl: int, rdma: int) -> None:
+    ``reference``: run masked calls on a reference backend over the active ranks (the GPU
+    kernels mask ranks themselves: no such backend then). ``on_change(active, comm)`` runs
+    after every agreed change, on every rank that records it (``comm``: the active ranks'
+    communicator, None when it is the Buffer's own or this rank left)."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        device: torch.device,
+        nvl: int,
+        rdma: int,
+        reference: bool = True,
+        on_change: MaskChanged | None = None,
+    ) -> None:
         self.full = comm
         self.device, self.nvl, self.rdma = device, nvl, rdma
+        self.reference, self.on_change = reference, on_change
         self.active: list[int] = list(range(comm.size))
         self.epoch = 0  # mask changes so far (the same on the active ranks)
         self.calls = 0  # low-latency calls in this epoch: the ranks that recover must agree
@@ -196,7 +215,10 @@ class RankMask:
         self.calls = 0
         if comm is not None:
             self.comm = comm
-            self.backend = ReferenceBackend(comm, self.device, self.nvl, self.rdma)
+            if self.reference:
+                self.backend = ReferenceBackend(comm, self.device, self.nvl, self.rdma)
+        if self.on_change is not None:
+            self.on_change(list(self.active), self.comm)
 
     def free(self) -> None:
         if self.backend is not None:

@@ -1,10 +1,20 @@
 """``Buffer(enable_shrink=True)``: low-latency calls go on when ranks fail.
 
-The glue between ``Buffer`` and the mask (``mpiep.rank_mask``, ``mpiep.masked_ll``): it picks
-the communicator and backend of each low-latency call, and when a call times out it finds and
-masks the ranks that stopped answering and runs the call again among the others, so that the
-call returns as if the failed ranks' experts were absent (DeepEP V1's shrink mode). A receive
-hook that times out does the same and fills the tensors the call returned.
+The glue between ``Buffer`` and the mask (``mpiep.rank_mask``): it picks where each
+low-latency call runs, and when a call times out it finds and masks the ranks that stopped
+answering and runs the call again among the others, so that the call returns as if the failed
+ranks' experts were absent (DeepEP V1's shrink mode). A receive hook that times out does the
+same and fills the tensors the call returned.
+
+Where masked calls run:
+
+* a backend whose kernels mask ranks (``supports_masking``: the CUDA backend) runs every call
+  itself; each agreed mask goes to its device words (``set_active_ranks``). Its kernels also
+  mask a silent peer on their own when a wait times out, so that call still returns the
+  survivors' data; the timeout is recorded, the next low-latency call raises it before
+  launching, and the agreement and a clean among the survivors run then;
+* any other backend runs masked calls through ``mpiep.masked_ll`` (a reference backend over
+  the active ranks' communicator, GPU tensors included).
 """
 
 from __future__ import annotations
@@ -23,10 +33,32 @@ from mpiep.rank_mask import RankMask
 
 
 class Shrink:
-    def __init__(self, comm: Communicator, device: torch.device, nvl: int, rdma: int) -> None:
-        self.mask = RankMask(comm, device, nvl, rdma)
+    def __init__(
+        self,
+        comm: Communicator,
+        device: torch.device,
+        nvl: int,
+        rdma: int,
+        backend: Backend | None = None,
+    ) -> None:
+        # The backend's kernels mask ranks themselves, or None: mpiep.masked_ll does.
+        self.native: Any = backend if getattr(backend, "supports_masking", False) else None
+        self.mask = RankMask(
+            comm,
+            device,
+            nvl,
+            rdma,
+            reference=self.native is None,
+            on_change=None if self.native is None else self._to_device,
+        )
+        if self.native is not None:
+            self.native.enable_rank_masking()
         self._combine_buffer: torch.Tensor | None = None
         self.last_recovery: str = ""  # what the last timeout masked (for logs and tests)
+
+    def _to_device(self, active: list[int], comm: Communicator | None) -> None:
+        """An agreed mask for the kernels (a clean among the active ranks comes with it)."""
+        self.native.set_active_ranks(active, comm if comm is not None else self.mask.full)
 
     # -- which communicator ------------------------------------------------------------
     def control(self, full: Communicator) -> Communicator:
@@ -52,15 +84,19 @@ class Shrink:
         """``backend.low_latency_dispatch(*args)``, masked when needed, recovering once."""
         self.mask.calls += 1
 
-        def masked() -> LowLatencyDispatchResult:
-            return masked_ll.dispatch(self.mask, *args)
+        def masked(*call_args: Any) -> LowLatencyDispatchResult:
+            if self.native is None:
+                return masked_ll.dispatch(self.mask, *call_args)
+            result = backend.low_latency_dispatch(*call_args)
+            # Which ranks took part: a rank unmasked later has none of this call's rows.
+            result.handle.backend_state["active"] = tuple(self.mask.active)
+            return result
 
-        result = self._run(lambda: backend.low_latency_dispatch(*args), masked)
+        result = self._run(lambda: backend.low_latency_dispatch(*args), lambda: masked(*args))
         if result.hook is not None:
             sync_args = (*args[:-1], False)
             result.hook = self._recovering(
-                result.hook,
-                lambda: _fill_dispatch(result, masked_ll.dispatch(self.mask, *sync_args)),
+                result.hook, lambda: _fill_dispatch(result, masked(*sync_args))
             )
         return result
 
@@ -76,12 +112,16 @@ class Shrink:
         return_recv_hook: bool,
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         self.mask.calls += 1
-        if zero_copy:  # the rows are in a buffer: the masked run reads them there too
+        if zero_copy and self.native is None:  # the rows are in a buffer: read them there too
             engaged = self.mask.engaged
             x = self.combine_buffer(handle) if engaged else backend_buffer(backend, handle)
 
         def masked(hook: bool) -> tuple[torch.Tensor, Callable[[], None] | None]:
-            return masked_ll.combine(self.mask, x, topk_idx, topk_weights, handle, out, hook)
+            if self.native is None:
+                return masked_ll.combine(self.mask, x, topk_idx, topk_weights, handle, out, hook)
+            return backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle, zero_copy, out, hook
+            )
 
         combined, hook = self._run(
             lambda: backend.low_latency_combine(
@@ -98,6 +138,8 @@ class Shrink:
 
     def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """While masked: the full-size buffer that ``zero_copy`` combine reads."""
+        if self.native is not None:  # the kernels keep the full shapes: their own buffer
+            return backend_buffer(self.native, handle)
         shape = (
             handle.num_experts // self.mask.full.size,
             self.mask.full.size * handle.num_max_dispatch_tokens_per_rank,
@@ -112,7 +154,7 @@ class Shrink:
     def clean(self, backend: Backend, *args: Any) -> None:
         if self.mask.backend is not None:
             self.mask.backend.clean_low_latency_buffer(*args)
-        else:
+        else:  # the Buffer's backend (with native masking: among the active ranks)
             backend.clean_low_latency_buffer(*args)
         if self._combine_buffer is not None:
             self._combine_buffer.zero_()
@@ -145,7 +187,7 @@ class Shrink:
         self._combine_buffer = None
 
 
-def backend_buffer(backend: Backend, handle: LowLatencyHandle) -> torch.Tensor:
+def backend_buffer(backend: Any, handle: LowLatencyHandle) -> torch.Tensor:
     return backend.get_next_low_latency_combine_buffer(handle)
 
 

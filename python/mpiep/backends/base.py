@@ -128,3 +128,18 @@ class Backend(Protocol):
     ) -> None: ...
 
     def destroy(self) -> None: ...
+
+
+class MaskingBackend(Backend, Protocol):
+    """A backend whose low-latency kernels mask ranks themselves (``supports_masking``):
+    ``mpiep.shrink`` routes masked calls to it; others run them through ``mpiep.masked_ll``."""
+
+    supports_masking: bool
+
+    def enable_rank_masking(self) -> None:
+        """From now on every low-latency launch reads the mask (before any call)."""
+        ...
+
+    def set_active_ranks(self, active: list[int], comm: Communicator) -> None:
+        """Set the agreed active ranks; collective over ``comm`` (theirs) on those ranks."""
+        ...

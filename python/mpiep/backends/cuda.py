@@ -12,14 +12,18 @@ a clear error instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpiep import stall
 from mpiep.backends.base import BackendSettings, DispatchResult, Layout, LowLatencyDispatchResult
 from mpiep.config import Config
 from mpiep.errors import CapacityError
 from mpiep.handles import DispatchHandle, LowLatencyHandle
+
+if TYPE_CHECKING:  # type only: importing mpiep.comm starts MPI
+    from mpiep.comm import Communicator
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -160,6 +164,27 @@ class CudaBackend:
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
         self._ll().clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # -- rank masking (mpiep.shrink) and the test stall ------------------------------------
+    @property
+    def supports_masking(self) -> bool:
+        """The low-latency kernels mask ranks themselves (``mpiep.shrink`` routes to them)."""
+        return self.low_latency is not None and bool(self.low_latency.supports_masking)
+
+    def enable_rank_masking(self) -> None:
+        self._ll().enable_masking()
+
+    def set_active_ranks(self, active: list[int], comm: Communicator) -> None:
+        """Collective over ``comm`` (the active ranks') on the ranks in ``active``."""
+        self._ll().set_active(active, comm)
+
+    def set_test_stall(self, phases: str | int | None) -> None:
+        """Tests only (``mpiep.stall``): this rank withholds its part of the given phases
+        (``"ll_dispatch_count"``, ``"dispatch+combine"``...; ``0`` or ``""``: none)."""
+        bits = stall.parse(phases)
+        for engine in (self.low_latency, self.normal):
+            if engine is not None:
+                engine.set_test_stall(bits)
 
     def destroy(self) -> None:
         for engine in (self.low_latency, self.normal):

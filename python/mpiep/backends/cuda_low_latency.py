@@ -16,6 +16,10 @@ launched (its sends would land on top of the first call's, whose receive then ne
 arrival count it expects and times out). A hook runs once, and not after
 ``clean_low_latency_buffer``.
 
+With ``Buffer(enable_shrink=True)`` the engine masks ranks in its kernels
+(``backends/ll_masking.py``; ``mpiep.shrink`` drives it). ``set_test_stall`` (tests only,
+``mpiep.stall``) makes this rank withhold its part of a phase.
+
 Known limits: a CUDA graph that replays dispatch alone (no combine between two replays) can
 race on the signal reset; capture dispatch and combine together. Duplicate experts inside one
 token's top-k are combined correctly only when the expert returns identical rows for them.
@@ -28,8 +32,10 @@ from collections.abc import Callable
 
 import torch
 
+from mpiep import stall
 from mpiep.backends import native
 from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.ll_masking import LowLatencyMasking
 from mpiep.backends.nvshmem_boot import core as nvshmem_core
 from mpiep.backends.nvshmem_boot import finalize_nvshmem, init_nvshmem  # noqa: F401 (re-export)
 from mpiep.comm import Communicator
@@ -64,6 +70,7 @@ class _DeviceView:
 
 class LowLatencyEngine:
     name = "cuda-low-latency"
+    supports_masking = True  # rank masking in the kernels (enable_masking, set_active)
 
     def __init__(
         self,
@@ -106,6 +113,8 @@ class LowLatencyEngine:
         self._dispatch_pending = [False, False]
         self._combine_pending = [False, False]
         self._generation = 0  # bumped by clean_low_latency_buffer: older hooks are void
+        self._masking: LowLatencyMasking | None = None
+        self.set_test_stall(stall.from_env(comm.rank))
 
     # -- configuration -------------------------------------------------------------
     def _num_blocks(self, index: int) -> int:
@@ -273,9 +282,34 @@ class LowLatencyEngine:
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Zero every signal and the timeout state (collective: every rank calls it)."""
+        """Zero every signal and the timeout state (collective: every rank calls it; with rank
+        masking, every active rank)."""
+        self._clean()
+
+    # -- rank masking (mpiep.shrink) and the test stall ------------------------------------
+    def enable_masking(self) -> None:
+        """From now on every launch reads the device mask (once, before any call)."""
+        if self._masking is None:
+            self._masking = LowLatencyMasking(self.ctx, self.comm, self.device)
+
+    def set_active(self, active: list[int], comm: Communicator) -> None:
+        """The agreed active ranks and their communicator; on those ranks, collective over
+        ``comm``: the buffers are cleaned among them (hooks issued before are void)."""
+        if self._masking is None:
+            raise RuntimeError("set_active needs enable_masking() first")
+        if self._masking.set_active(active, comm):
+            self._clean()
+
+    def set_test_stall(self, phases: str | int | None) -> None:
+        """Tests only (mpiep.stall): withhold this rank's part of the low-latency phases."""
+        self.ctx.set_test_stall(stall.parse(phases) & stall.LOW_LATENCY)
+
+    def _clean(self) -> None:
         torch.cuda.synchronize(self.device)
-        self.ctx.clean()
+        if self._masking is not None:
+            self._masking.clean()
+        else:
+            self.ctx.clean()
         self._dispatch_buffer = 0
         self._combine_buffer = 0
         self._dispatch_pending[:] = [False, False]

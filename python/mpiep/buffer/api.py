@@ -205,7 +205,9 @@ class Buffer:
         self._hooks = HookTracker()
         self._shrink: Shrink | None = None
         if enable_shrink:
-            self._shrink = Shrink(self.comm, self.device, num_nvl_bytes, num_rdma_bytes)
+            self._shrink = Shrink(
+                self.comm, self.device, num_nvl_bytes, num_rdma_bytes, self.backend
+            )
         self._ll = LowLatencyCalls(
             self.backend, self._shrink, self._hooks, self._id, self.group_size
         )
