@@ -4,6 +4,10 @@ A rank masked by the caller, or one that stops answering, drops out: low-latency
 combine go on among the others with its experts absent, and the results equal the oracle's
 for the routing with those experts replaced by -1 (and nothing from the masked source).
 The mask can be queried, and cleared when every rank takes part again.
+
+Every test runs twice: masked calls through ``mpiep.masked_ll`` (how the reference backend
+masks), and through a backend that masks ranks itself, as the GPU kernels do
+(``supports_masking``; ``tests/fake_masking_backend.py`` stands in for them on the CPU).
 """
 
 from __future__ import annotations
@@ -118,6 +122,22 @@ def check_combine(rnd: Round, masked: set[int], out: torch.Tensor) -> None:
     np.testing.assert_allclose(
         oracle.bf16_to_f32(bf16_bits(out)), rnd.want_combine(masked), rtol=2.0**-8, atol=1e-4
     )
+
+
+@pytest.fixture(autouse=True, params=["masked_ll", "kernel_masking"])
+def masking_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which way masked calls run (see the module docstring)."""
+    if request.param == "kernel_masking":
+        import mpiep.buffer.api as api
+        from fake_masking_backend import FakeMaskingBackend
+
+        real = api.make_backend
+
+        def make(choice: str, settings: Any) -> Any:
+            return FakeMaskingBackend(real(choice, settings), settings.comm, settings.device)
+
+        monkeypatch.setattr(api, "make_backend", make)
+    return str(request.param)
 
 
 def shrink_buffer(make_buffer: Callable[..., Any], comm: MPI.Comm, validate: bool = True) -> Any:
@@ -281,6 +301,25 @@ def test_rank_that_stops_answering_in_combine_is_masked(
         if comm.rank != GONE:
             check_combine(rnd, {GONE}, rnd.combine(buf, handle))
             assert buf.masked_ranks == [GONE]
+
+
+@pytest.mark.mpi(min_size=3)
+def test_kernel_masking_gets_each_agreed_mask(
+    comm: MPI.Comm, make_buffer: Callable[..., Any], masking_path: str
+) -> None:
+    """A backend that masks ranks itself is told every agreed mask, on every rank that
+    records it (the masked rank too), and masked calls never go through mpiep.masked_ll."""
+    if masking_path != "kernel_masking":
+        pytest.skip("about the kernel-masking path")
+    buf = shrink_buffer(make_buffer, comm)
+    others = tuple(r for r in range(comm.size) if r != GONE)
+    with collective_check(comm):
+        assert buf.backend.enabled and buf.backend.changes == []
+        buf.low_latency_update_mask_buffer(GONE, True)
+        assert buf.backend.changes == [others], buf.backend.changes
+        assert buf._shrink.mask.backend is None  # no reference backend of the active ranks
+        buf.low_latency_clean_mask_buffer()
+        assert buf.backend.changes == [others, tuple(range(comm.size))], buf.backend.changes
 
 
 def test_no_masking_without_enable_shrink() -> None:
