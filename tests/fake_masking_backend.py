@@ -61,6 +61,10 @@ class FakeMaskingBackend:
             self._sub = ReferenceBackend(comm, self.device, 0, 0)
         comm.barrier("fake masking backend: clean among the active ranks")
 
+    def settled_timeout(self) -> None:
+        """The reference backend raises its timeouts from the call itself: none recorded."""
+        return None
+
     # -- low-latency calls with full shapes ----------------------------------------------
     def _where(self) -> _Active | None:
         if self._sub is None:

@@ -10,6 +10,7 @@
 //                                   32 bits + a hash of its expert in the high 32 (see
 //                                   kernels/low_latency_common.cuh, combine_signal)
 //   disp_readers [E_local]    u32   local: how many receive blocks have read an expert's signals
+//   comb_beacon  [R]          u64   rank masking only: source s started combine epoch e (e + 1)
 //   disp_send    [max][row]           staged (FP8-cast) messages of this rank's tokens
 //   disp_recv    [E_local][R][max][row]  slot of row i from source s for local expert e
 //   comb_send    [E_local][R*max][H] bf16  zero-copy combine input / staging for NVSHMEM puts
@@ -21,8 +22,14 @@
 // Rank masking (Buffer(enable_shrink=True)): Common::active points to [R] device words (1: the
 // rank takes part), read by every launch so that CUDA graphs follow mask changes. Launches then
 // skip masked ranks: no counts or rows to them, no waits on them, their experts' slots add 0
-// in combine. A wait that times out masks its peer there and the call finishes without it;
-// the host agrees on the survivors before the next call (python/mpiep/shrink.py).
+// in combine. A wait that times out masks its peer there and the call finishes without it.
+// Every combine then also tells each active rank that it started (comb_beacon), so that a rank
+// that stops is noticed by every survivor within one dispatch/combine pair. The host acts on a
+// recorded timeout at the second combine after it (settled_error: by then every survivor has
+// recorded it, whatever the host's timing) and agrees on the survivors (python/mpiep/shrink.py).
+//
+// Combine epochs: the number of combines launched before (a dispatch shares the epoch of the
+// combine that follows it); every launch knows its epoch, so a timeout records it.
 #pragma once
 
 #include <cstddef>
@@ -36,7 +43,12 @@ constexpr int kThreads = 512;                     // threads per block of every 
 
 enum Phase : int { kSendPhase = 1, kRecvPhase = 2 };
 // What a timed-out wait was waiting for (reported to Python).
-enum WaitPhase : int { kWaitDispatchCount = 1, kWaitDispatchData = 2, kWaitCombineData = 3 };
+enum WaitPhase : int {
+  kWaitDispatchCount = 1,
+  kWaitDispatchData = 2,
+  kWaitCombineData = 3,
+  kWaitCombineStart = 4,  // rank masking: a source's combine beacon
+};
 
 // Written by the first kernel thread that gives up waiting; lives in host-mapped memory so the
 // host reads it without synchronising.
@@ -46,7 +58,7 @@ struct ErrorRecord {
   volatile int phase;  // WaitPhase
   volatile int peer;   // source rank waited on (-1 when unknown)
   volatile int index;  // local expert or token waited on
-  volatile int pad;
+  volatile int epoch;  // combine epoch of the launch that timed out
   volatile long long observed;
   volatile long long expected;
 };
@@ -56,6 +68,7 @@ struct Regions {
   uint64_t* disp_arrival;
   uint64_t* comb_arrival;
   unsigned* disp_readers;
+  uint64_t* comb_beacon;
   uint8_t* disp_send;
   uint8_t* disp_recv;
   uint8_t* comb_send;
@@ -71,6 +84,7 @@ struct Common {
   ErrorRecord* err;     // host-mapped (device view)
   int* err_lock;        // device word: 0 until the first timeout; then (unmasked) all bail out
   int* active;          // [R] device words, 1 = the rank takes part; null: no rank masking
+  int epoch;            // combine epoch of this launch (recorded with a timeout; beacons)
 };
 
 struct DispatchParams {
@@ -125,8 +139,10 @@ inline size_t half_bytes_needed(int hidden, int max_tokens, int num_experts) {
          2 * align_up(E * M * H * 2, 128);
 }
 
+// The beacons take R <= E words (and 8 bytes of alignment).
 inline size_t signal_bytes_needed(int max_tokens, int num_experts) {
-  return size_t(num_experts) * 16 + size_t(max_tokens) * 8 + size_t(num_experts) * 4;
+  return size_t(num_experts) * 16 + size_t(max_tokens) * 8 + size_t(num_experts) * 4 + 8 +
+         size_t(num_experts) * 8;
 }
 
 inline Regions make_regions(uint8_t* half, int hidden, int max_tokens, int num_experts,
@@ -137,6 +153,8 @@ inline Regions make_regions(uint8_t* half, int hidden, int max_tokens, int num_e
   r.disp_arrival = r.disp_count + E;
   r.comb_arrival = r.disp_arrival + E;
   r.disp_readers = reinterpret_cast<unsigned*>(r.comb_arrival + M);
+  r.comb_beacon = reinterpret_cast<uint64_t*>(
+      align_up(reinterpret_cast<uintptr_t>(r.disp_readers + E), sizeof(uint64_t)));
   (void)num_ranks;
   uint8_t* p = half + kSignalBytes;
   r.disp_send = p;

@@ -10,9 +10,12 @@ Where masked calls run:
 
 * a backend whose kernels mask ranks (``supports_masking``: the CUDA backend) runs every call
   itself; each agreed mask goes to its device words (``set_active_ranks``). Its kernels also
-  mask a silent peer on their own when a wait times out, so that call still returns the
-  survivors' data; the timeout is recorded, the next low-latency call raises it before
-  launching, and the agreement and a clean among the survivors run then;
+  mask a silent peer on their own when a wait times out, so that call, and the ones after it,
+  return the survivors' data without any host involvement. The timeout is recorded; the
+  agreement and a clean among the survivors run at the second combine after it
+  (``settled_timeout``), where every survivor is sure to see it: a host that acted as soon as
+  it saw the record would stop launching while peers that had not seen it yet go on, and
+  their kernels would mask it in turn;
 * any other backend runs masked calls through ``mpiep.masked_ll`` (a reference backend over
   the active ranks' communicator, GPU tensors included).
 """
@@ -112,6 +115,10 @@ class Shrink:
         return_recv_hook: bool,
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         self.mask.calls += 1
+        if self.native is not None:
+            settled = self.native.settled_timeout()
+            if settled is not None:  # every survivor is here with it: agree, clean, go on
+                self.recover(settled)
         if zero_copy and self.native is None:  # the rows are in a buffer: read them there too
             engaged = self.mask.engaged
             x = self.combine_buffer(handle) if engaged else backend_buffer(backend, handle)

@@ -78,6 +78,13 @@ void bind_low_latency(py::module_& m) {
              if (!e) return py::none();
              return py::make_tuple(e->rank, e->phase, e->peer, e->index, e->observed, e->expected);
            })
+      .def("settled_error",
+           [](const LowLatencyContext& ctx) -> py::object {
+             // Rank masking, at a combine's entry: as error(), once every survivor has it.
+             auto e = ctx.settled_error();
+             if (!e) return py::none();
+             return py::make_tuple(e->rank, e->phase, e->peer, e->index, e->observed, e->expected);
+           })
       .def("destroy", &LowLatencyContext::destroy)
       .def("set_timeout", &LowLatencyContext::set_timeout)
       .def_property_readonly("timeout_s", &LowLatencyContext::timeout_s)

@@ -9,7 +9,10 @@
 // test stall) sends no rows to masked sources, and a slot whose expert's owner is masked adds 0
 // and is not waited for. A token whose wait times out names the rank whose rows are missing
 // (low_latency_missing.cuh); with masking that rank is masked, the call finishes without it,
-// and a token whose missing rows cannot be told apart comes out NaN, never a wrong sum.
+// and a token whose missing rows cannot be told apart comes out NaN, never a wrong sum. With
+// masking every rank also tells each active rank that its combine started (a beacon, block 0),
+// and block 0 of the receive waits for those of the active ranks: a rank that stops is noticed
+// by every survivor in this call, not only by those whose tokens had an expert there.
 //
 // Duplicate experts within one token's top-k share one comb_recv row: the result is right only
 // when the expert produced identical rows for both copies (the usual case: same input token).
@@ -29,6 +32,13 @@ __device__ void send_phase(const CombineParams& p, const uint8_t* s_send) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
   const int R = p.c.num_ranks, EL = p.num_experts / R, M = p.max_tokens, H = p.hidden;
   const size_t slots = size_t(EL) * R * M;
+  if constexpr (kSkips) {
+    if (p.c.active != nullptr && blockIdx.x == 0) {  // the beacons: "my combine started"
+      for (int r = threadIdx.x; r < R; r += blockDim.x)
+        if (s_send[r] & kSendRows)
+          signal_set(p.c, p.r.comb_beacon + p.c.rank, uint64_t(p.c.epoch) + 1, r);
+    }
+  }
   for (size_t idx = size_t(blockIdx.x) * nw + warp; idx < slots; idx += size_t(gridDim.x) * nw) {
     // Row index outermost: the first EL*R warps take row 0 of every (expert, source) group,
     // so the few rows per group spread over all warps instead of idling most of them.
@@ -170,6 +180,17 @@ __device__ void recv_phase(const CombineParams& p, int* s_e) {
   __shared__ uint32_t s_use;
   __shared__ bool s_poison;
   const int T = p.num_tokens, K = p.num_topk, H = p.hidden, M = p.max_tokens;
+  if constexpr (kSkips) {
+    if (p.c.active != nullptr && blockIdx.x == 0) {  // every active rank started this combine?
+      for (int s = threadIdx.x; s < p.c.num_ranks; s += blockDim.x) {
+        bool failed = false;
+        if (rank_active(p.c, s))  // a silent one is masked here: the other blocks follow
+          spin_wait(p.c, p.r.comb_beacon + s, kAtLeast, uint64_t(p.c.epoch) + 1, kWaitCombineStart,
+                    s, -1, true, &failed);
+      }
+      __syncthreads();
+    }
+  }
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     if constexpr (kSkips) {
       for (int k = threadIdx.x; k < K; k += blockDim.x)

@@ -146,6 +146,7 @@ __device__ __forceinline__ void report_timeout(const Common& c, int phase, int p
   c.err->phase = phase;
   c.err->peer = peer;
   c.err->index = index;
+  c.err->epoch = c.epoch;
   c.err->observed = static_cast<long long>(observed);
   c.err->expected = static_cast<long long>(expected);
   __threadfence_system();
@@ -157,25 +158,27 @@ __device__ __forceinline__ bool timeout_reported(const Common& c) {
   return *reinterpret_cast<const volatile int*>(c.err_lock) != 0;
 }
 
-// Spins until *p != 0 (want_nonzero) or *p == expected, waiting on rank `peer`. Returns the last
-// value; *failed is set when it gave up: after timeout_ns (recording the first timeout), or
+enum WaitFor { kNonZero, kEqual, kAtLeast };
+
+// Spins until *p != 0, == expected or >= expected (`cond`), waiting on rank `peer`. Returns the
+// last value; *failed is set when it gave up: after timeout_ns (recording the first timeout), or
 //  - unmasked (`masking` false): as soon as another wait of this rank timed out (all bail out);
 //  - masking: as soon as `peer` is masked. A wait that times out masks its peer, so the call
 //    finishes without it while waits on the other ranks go on.
-__device__ __forceinline__ uint64_t spin_wait(const Common& c, const uint64_t* p, bool want_nonzero,
+__device__ __forceinline__ uint64_t spin_wait(const Common& c, const uint64_t* p, WaitFor cond,
                                               uint64_t expected, int phase, int peer, int index,
                                               bool masking, bool* failed) {
   const uint64_t start = global_ns();
   for (unsigned iter = 0;; ++iter) {
     uint64_t v = ld_acquire_sys(p);
-    if (want_nonzero ? v != 0 : v == expected) return v;
+    if (cond == kNonZero ? v != 0 : cond == kEqual ? v == expected : v >= expected) return v;
     if ((iter & 63) == 0) {
       if (masking ? !rank_active(c, peer) : timeout_reported(c)) {
         *failed = true;
         return v;
       }
       if (global_ns() - start > c.timeout_ns) {
-        report_timeout(c, phase, peer, index, v, want_nonzero ? 1 : expected);
+        report_timeout(c, phase, peer, index, v, cond == kNonZero ? 1 : expected);
         if (masking) mask_rank(c, peer);
         *failed = true;
         return v;

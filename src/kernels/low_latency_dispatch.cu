@@ -144,11 +144,11 @@ __device__ void recv_phase(const DispatchParams& p, int* s_count, int* s_start) 
       int n = 0;  // a masked source, or one that timed out, contributes no rows
       if (!masking || rank_active(p.c, s)) {
         bool failed = false;
-        const uint64_t v = spin_wait(p.c, p.r.disp_count + el * R + s, true, 0, kWaitDispatchCount,
-                                     s, el, masking, &failed);
+        const uint64_t v = spin_wait(p.c, p.r.disp_count + el * R + s, kNonZero, 0,
+                                     kWaitDispatchCount, s, el, masking, &failed);
         if (!failed) {
           n = min(int(v - 1), M);
-          spin_wait(p.c, p.r.disp_arrival + el * R + s, false, uint64_t(n), kWaitDispatchData, s,
+          spin_wait(p.c, p.r.disp_arrival + el * R + s, kEqual, uint64_t(n), kWaitDispatchData, s,
                     el, masking, &failed);
         }
         if (failed) n = 0;

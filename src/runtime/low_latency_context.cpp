@@ -39,6 +39,8 @@ LowLatencyContext::LowLatencyContext(int device, size_t heap_bytes, bool allow_n
   MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
   MPIEP_CUDA_CHECK(cudaMalloc(&active_, size_ * sizeof(int)));
   set_active(std::vector<int>(size_, 1));
+  for (auto& e : combine_done_)
+    MPIEP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   set_timeout(timeout_s);
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_rt::barrier_all();
@@ -74,6 +76,9 @@ void LowLatencyContext::dispatch(const LowLatencyDispatchCall& c, cudaStream_t s
   ll::DispatchParams p{};
   p.c = common();
   p.r = regions(c.buffer, c.hidden, c.max_tokens, c.num_experts);
+  // A dispatch shares the epoch of the combine after it; a receive hook, that of its send.
+  if (c.phases & ll::kSendPhase) dispatch_epoch_[c.buffer] = combines_;
+  p.c.epoch = dispatch_epoch_[c.buffer];
   p.x = c.x;
   p.topk_idx = c.topk_idx;
   p.num_tokens = c.num_tokens;
@@ -105,6 +110,8 @@ void LowLatencyContext::combine(const LowLatencyCombineCall& c, cudaStream_t str
   ll::CombineParams p{};
   p.c = common();
   p.r = regions(c.buffer, c.hidden, c.max_tokens, c.num_experts);
+  if (c.phases & ll::kSendPhase) combine_epoch_[c.buffer] = combines_++;
+  p.c.epoch = combine_epoch_[c.buffer];
   p.y = c.y;
   p.topk_idx = c.topk_idx;
   p.topk_weights = c.topk_weights;
@@ -121,6 +128,16 @@ void LowLatencyContext::combine(const LowLatencyCombineCall& c, cudaStream_t str
   p.num_blocks = num_blocks_;
   p.stall = stall_ & kStallLlCombine;
   ll::launch_combine(p, stream);
+  if (masking_ && (c.phases & ll::kRecvPhase)) record_combine_done(p.c.epoch, stream);
+}
+
+void LowLatencyContext::record_combine_done(int epoch, cudaStream_t stream) {
+  // Not inside a CUDA graph capture: its replays run without the host (and without recovery).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MPIEP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  MPIEP_CUDA_CHECK(cudaEventRecord(combine_done_[epoch % 2], stream));
+  combine_done_epoch_[epoch % 2] = epoch;
 }
 
 uint8_t* LowLatencyContext::combine_send_buffer(int buffer, int hidden, int max_tokens,
@@ -152,6 +169,10 @@ void LowLatencyContext::reset_signals() {
   MPIEP_CUDA_CHECK(cudaMemset(err_lock_, 0, sizeof(int)));
   std::memset(const_cast<ll::ErrorRecord*>(err_host_), 0, sizeof(ll::ErrorRecord));
   MPIEP_CUDA_CHECK(cudaDeviceSynchronize());
+  // Every rank that cleans together counts combines afresh (beacons compare epochs).
+  combines_ = 0;
+  dispatch_epoch_[0] = dispatch_epoch_[1] = combine_epoch_[0] = combine_epoch_[1] = 0;
+  combine_done_epoch_[0] = combine_done_epoch_[1] = -1;
 }
 
 void LowLatencyContext::set_active(const std::vector<int>& active) {
@@ -176,7 +197,20 @@ std::vector<int> LowLatencyContext::active() const {
 }
 
 std::optional<ll::ErrorRecord> LowLatencyContext::error() const {
-  if (err_host_ == nullptr || err_host_->flag == 0) return std::nullopt;
+  if (masking_ || err_host_ == nullptr || err_host_->flag == 0) return std::nullopt;
+  ll::ErrorRecord r;
+  std::memcpy(&r, const_cast<const ll::ErrorRecord*>(err_host_), sizeof(r));
+  return r;
+}
+
+std::optional<ll::ErrorRecord> LowLatencyContext::settled_error() const {
+  const int settled = combines_ - 2;  // this combine is number combines_
+  if (!masking_ || err_host_ == nullptr || settled < 0) return std::nullopt;
+  // That combine has run its receive (the hook rules: its half is this combine's), so its
+  // event is recorded; once it has completed, so has every launch of that epoch and before.
+  if (combine_done_epoch_[settled % 2] == settled)
+    MPIEP_CUDA_CHECK(cudaEventSynchronize(combine_done_[settled % 2]));
+  if (err_host_->flag == 0 || err_host_->epoch > settled) return std::nullopt;
   ll::ErrorRecord r;
   std::memcpy(&r, const_cast<const ll::ErrorRecord*>(err_host_), sizeof(r));
   return r;
@@ -193,6 +227,10 @@ void LowLatencyContext::destroy() {
   cudaFree(err_lock_);
   cudaFree(active_);
   active_ = nullptr;
+  for (auto& e : combine_done_) {
+    if (e != nullptr) cudaEventDestroy(e);
+    e = nullptr;
+  }
   cudaFreeHost(const_cast<ll::ErrorRecord*>(err_host_));
   err_host_ = nullptr;
 }

@@ -65,8 +65,14 @@ class MPIEP_API LowLatencyContext {
   // every active rank, barrier, reset_signals(), barrier.
   void quiet();          // this PE's NVSHMEM puts have completed (device-side quiet)
   void reset_signals();  // zero every signal of both halves and the timeout state
-  // The first timed-out wait, if any.
+  // The first timed-out wait, if any; with rank masking none (the kernels mask the silent
+  // rank and go on; the host learns of it from settled_error).
   std::optional<ll::ErrorRecord> error() const;
+  // Rank masking, at a combine's entry: a timeout recorded by a launch of combine epoch <=
+  // (this combine's) - 2, once that combine has completed. Every survivor records a silent rank
+  // within one epoch (dispatch counts and combine beacons reach every rank), so every survivor
+  // sees it at the same combine, whatever its host's timing.
+  std::optional<ll::ErrorRecord> settled_error() const;
   void destroy();
 
   // Rank masking: from enable_masking() on, every launch reads the device words set by
@@ -90,6 +96,7 @@ class MPIEP_API LowLatencyContext {
   static size_t kSignal() { return ll::kSignalBytes; }
   void check_shape(int hidden, int max_tokens, int num_experts, int num_tokens) const;
   ll::Common common() const;
+  void record_combine_done(int epoch, cudaStream_t stream);
   ll::Regions regions(int buffer, int hidden, int max_tokens, int num_experts) const;
 
   int device_ = 0, num_blocks_ = 1, rank_ = 0, size_ = 1;
@@ -102,6 +109,13 @@ class MPIEP_API LowLatencyContext {
   int* active_ = nullptr;  // [R] device words of rank masking
   bool masking_ = false;
   int stall_ = 0;
+  // Combine epochs (see low_latency.h): combines launched since the last clean, the epoch of
+  // the send launched into each half (its receive hook launches later), and, with masking, an
+  // event recorded after each combine's receive (slot epoch % 2; which epoch it holds).
+  int combines_ = 0;
+  int dispatch_epoch_[2] = {0, 0}, combine_epoch_[2] = {0, 0};
+  cudaEvent_t combine_done_[2] = {nullptr, nullptr};
+  int combine_done_epoch_[2] = {-1, -1};
   double timeout_s_ = 0;
   std::vector<bool> nvlink_peers_;
 };

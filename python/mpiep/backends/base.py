@@ -18,6 +18,7 @@ from mpiep.handles import DispatchHandle, LowLatencyHandle
 
 if TYPE_CHECKING:  # type only: importing mpiep.comm starts MPI
     from mpiep.comm import Communicator
+    from mpiep.errors import PeerTimeoutError
 
 
 @dataclass(frozen=True)
@@ -142,4 +143,9 @@ class MaskingBackend(Backend, Protocol):
 
     def set_active_ranks(self, active: list[int], comm: Communicator) -> None:
         """Set the agreed active ranks; collective over ``comm`` (theirs) on those ranks."""
+        ...
+
+    def settled_timeout(self) -> PeerTimeoutError | None:
+        """At a low-latency combine's entry: a timeout the kernels recorded and masked the
+        silent rank for, once every surviving rank is sure to have it too; else None."""
         ...

@@ -19,7 +19,7 @@ import torch
 from mpiep import stall
 from mpiep.backends.base import BackendSettings, DispatchResult, Layout, LowLatencyDispatchResult
 from mpiep.config import Config
-from mpiep.errors import CapacityError
+from mpiep.errors import CapacityError, PeerTimeoutError
 from mpiep.handles import DispatchHandle, LowLatencyHandle
 
 if TYPE_CHECKING:  # type only: importing mpiep.comm starts MPI
@@ -177,6 +177,11 @@ class CudaBackend:
     def set_active_ranks(self, active: list[int], comm: Communicator) -> None:
         """Collective over ``comm`` (the active ranks') on the ranks in ``active``."""
         self._ll().set_active(active, comm)
+
+    def settled_timeout(self) -> PeerTimeoutError | None:
+        """At a combine's entry: a timeout the kernels recorded (and masked the silent rank
+        for), once every survivor has it (LowLatencyEngine.settled_timeout)."""
+        return self._ll().settled_timeout()
 
     def set_test_stall(self, phases: str | int | None) -> None:
         """Tests only (``mpiep.stall``): this rank withholds its part of the given phases

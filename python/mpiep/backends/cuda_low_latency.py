@@ -46,6 +46,7 @@ _WAIT_PHASES = {
     1: ("dispatch", "the token count"),
     2: ("dispatch", "token rows"),
     3: ("combine", "expert outputs"),
+    4: ("combine", "the start of its combine"),
 }
 
 
@@ -146,16 +147,24 @@ class LowLatencyEngine:
     def check(self) -> None:
         """Raise PeerTimeoutError if a kernel of this engine gave up waiting on a peer."""
         err = self.ctx.error()
-        if err is None:
-            return
+        if err is not None:
+            raise self._timeout_error(err)
+
+    def settled_timeout(self) -> PeerTimeoutError | None:
+        """With rank masking, at a combine's entry: the timeout the kernels recorded (and
+        masked the silent rank for) two combines ago or earlier, once every survivor has it."""
+        err = self.ctx.settled_error()
+        return None if err is None else self._timeout_error(err)
+
+    def _timeout_error(self, err: tuple[int, int, int, int, int, int]) -> PeerTimeoutError:
         rank, phase, peer, index, observed, expected = err
         op, what = _WAIT_PHASES.get(phase, ("low-latency", "a signal"))
         src = f"rank {peer}" if peer >= 0 else "the expert ranks"
-        where = "local expert" if phase in (1, 2) else "token"
-        raise PeerTimeoutError(
+        where = {1: "local expert", 2: "local expert", 3: "token"}.get(phase)
+        detail = f" ({where} {index}: saw {observed}, expected {expected})" if where else ""
+        return PeerTimeoutError(
             f"rank {rank}/{self.comm.size}: low-latency {op} timed out after {self.timeout_s:g}s "
-            f"waiting for {what} from {src} ({where} {index}: saw {observed}, "
-            f"expected {expected}); a peer crashed, hangs or skipped the call. "
+            f"waiting for {what} from {src}{detail}; a peer crashed, hangs or skipped the call. "
             "Call clean_low_latency_buffer on every rank to recover"
         )
 
