@@ -77,6 +77,9 @@ class LLRound:
         self.all_bits = COMM.allgather(self.bits)
         self.factor = (1.0 + 0.01 * np.arange(num_experts)).astype(np.float32)
         self.device = device
+        # This rank's experts' factors, on the device once (no host copy inside a graph capture).
+        mine = self.factor[me * self.EL : (me + 1) * self.EL]
+        self.local_factor = torch.from_numpy(mine.copy()).to(device)
         self.x = torch.from_numpy(self.bits.view(np.int16).copy()).view(torch.bfloat16).to(device)
         self.topk = torch.from_numpy(idx).to(device)
         self.weights = torch.from_numpy(w).to(device)
@@ -100,8 +103,7 @@ class LLRound:
     def expert_output(self, recv_x: torch.Tensor) -> torch.Tensor:
         """y[e, row] = bf16(x_row * factor[global expert e]), on the device (rows past the
         count are whatever recv_x holds there; combine never reads them)."""
-        f = torch.from_numpy(self.factor[COMM.rank * self.EL : (COMM.rank + 1) * self.EL])
-        return (recv_x.float() * f.to(recv_x.device)[:, None, None]).to(torch.bfloat16)
+        return (recv_x.float() * self.local_factor[:, None, None]).to(torch.bfloat16)
 
     def combine(self, buf: Any, recv_x: torch.Tensor, handle: Any, hook: bool = False) -> Any:
         out, _, receive = buf.low_latency_combine(
