@@ -153,6 +153,8 @@ class LowLatencyEngine:
     def settled_timeout(self) -> PeerTimeoutError | None:
         """With rank masking, at a combine's entry: the timeout the kernels recorded (and
         masked the silent rank for) two combines ago or earlier, once every survivor has it."""
+        if torch.cuda.is_current_stream_capturing():  # no host waits inside a graph capture
+            return None
         err = self.ctx.settled_error()
         return None if err is None else self._timeout_error(err)
 
