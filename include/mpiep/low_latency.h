@@ -10,7 +10,9 @@
 //                                   32 bits + a hash of its expert in the high 32 (see
 //                                   kernels/low_latency_common.cuh, combine_signal)
 //   disp_readers [E_local]    u32   local: how many receive blocks have read an expert's signals
-//   comb_beacon  [R]          u64   rank masking only: source s started combine epoch e (e + 1)
+//   comb_beacon  [R]          u64   rank masking only: source s started combine epoch e (e + 1);
+//                                   at the end of the signal area, whatever the call's sizes:
+//                                   beacons only grow (never reset but by a clean)
 //   disp_send    [max][row]           staged (FP8-cast) messages of this rank's tokens
 //   disp_recv    [E_local][R][max][row]  slot of row i from source s for local expert e
 //   comb_send    [E_local][R*max][H] bf16  zero-copy combine input / staging for NVSHMEM puts
@@ -139,9 +141,9 @@ inline size_t half_bytes_needed(int hidden, int max_tokens, int num_experts) {
          2 * align_up(E * M * H * 2, 128);
 }
 
-// The beacons take R <= E words (and 8 bytes of alignment).
+// The beacons take the last R <= E words.
 inline size_t signal_bytes_needed(int max_tokens, int num_experts) {
-  return size_t(num_experts) * 16 + size_t(max_tokens) * 8 + size_t(num_experts) * 4 + 8 +
+  return size_t(num_experts) * 16 + size_t(max_tokens) * 8 + size_t(num_experts) * 4 +
          size_t(num_experts) * 8;
 }
 
@@ -153,9 +155,7 @@ inline Regions make_regions(uint8_t* half, int hidden, int max_tokens, int num_e
   r.disp_arrival = r.disp_count + E;
   r.comb_arrival = r.disp_arrival + E;
   r.disp_readers = reinterpret_cast<unsigned*>(r.comb_arrival + M);
-  r.comb_beacon = reinterpret_cast<uint64_t*>(
-      align_up(reinterpret_cast<uintptr_t>(r.disp_readers + E), sizeof(uint64_t)));
-  (void)num_ranks;
+  r.comb_beacon = reinterpret_cast<uint64_t*>(half + kSignalBytes) - num_ranks;
   uint8_t* p = half + kSignalBytes;
   r.disp_send = p;
   p += align_up(M * row, 128);
