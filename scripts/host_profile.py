@@ -259,6 +259,9 @@ def main() -> None:
             f"normal layout T={t} [engine]",
             host_us=host_us(lambda: normal.get_dispatch_layout(idn, En), args.iters // 2),
         )
+        if args.kernels and comm.rank == 0:
+            kernel_table(f"normal dispatch T={t}", n_dispatch)
+            kernel_table(f"normal combine T={t}", n_combine)
         for name, fn in (("layout", n_layout), ("dispatch", n_dispatch), ("combine", n_combine)):
             comm.Barrier()
             emit(
