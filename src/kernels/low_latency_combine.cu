@@ -143,6 +143,32 @@ __device__ __noinline__ uint32_t drop_silent(const CombineParams& p, int t, uint
   return keep;
 }
 
+// A token's wait timed out (masking): of the ranks whose rows are missing, those that have not
+// started this combine (no beacon of this epoch) are masked; those that have (this rank
+// included) are alive, their rows on their way (sent by blocks of their kernels that started
+// late, e.g. while other ranks' kernels held the SMs waiting on the silent rank). Masking one
+// of them would split the survivors, so the token waits on for them. Returns whether it
+// should (false: the counter does not say what is missing, or only silent ranks' rows are).
+__device__ __noinline__ bool wait_for_started(const CombineParams& p, int t, uint32_t valid,
+                                              uint64_t got) {
+  const int64_t* row = p.topk_idx + size_t(t) * p.num_topk;
+  const int EL = p.num_experts / p.c.num_ranks;
+  const uint32_t missing = missing_slots(row, valid, signal_sum(row, valid) - got);
+  bool alive = false;
+  for (uint32_t b = missing; b; b &= b - 1) {
+    const int r = static_cast<int>(__ldg(row + __ffs(b) - 1) / EL);
+    if (!rank_active(p.c, r)) continue;
+    if (r == p.c.rank || ld_acquire_sys(p.r.comb_beacon + r) >= uint64_t(p.c.epoch) + 1) {
+      alive = true;
+    } else {
+      report_timeout(p.c, kWaitCombineData, r, t, got & 0xFFFFFFFFu,
+                     signal_sum(row, valid) & 0xFFFFFFFFu);
+      mask_rank(p.c, r);
+    }
+  }
+  return alive;
+}
+
 // Thread 0 of a token's block, kSkips kernel: waits for the rows of active owners' slots,
 // following mask changes made meanwhile by other blocks. Returns the slots to add.
 __device__ uint32_t wait_token_skipping(const CombineParams& p, int t, const int* s_e,
@@ -170,7 +196,11 @@ __device__ uint32_t wait_token_skipping(const CombineParams& p, int t, const int
       if (plan.use != valid &&
           only_optional_missing(row, valid & ~plan.use, signal_sum(row, valid) - v))
         return plan.use;
-      if (global_ns() - start > p.c.timeout_ns) return drop_silent(p, t, valid, v, poison);
+      // A rank that started this combine gets one more timeout to deliver its rows.
+      const uint64_t waited = global_ns() - start;
+      if (waited > p.c.timeout_ns &&
+          (waited > 2 * p.c.timeout_ns || !wait_for_started(p, t, valid, v)))
+        return drop_silent(p, t, valid, v, poison);
     }
   }
 }
