@@ -22,16 +22,6 @@ from mpiep.errors import ArgumentMismatchError, CapacityError
 
 TIMEOUT_S = 20.0  # library timeout of the fuzz buffers: 4 ranks share 2 cores
 
-# Issue 11 defect 1 (engineer A fixes it): a rank that receives exactly one row in normal
-# dispatch crashes the reference backend. Until that fix is merged, examples with such a
-# receiver are skipped; set this to False (or delete it and its uses) with the fix.
-DEFECT_1_OPEN = True
-
-
-def defect_1_case(ex: Example) -> bool:
-    """The example's normal dispatch has a one-row receiver while defect 1 is open."""
-    return DEFECT_1_OPEN and any(recv.num_rows == 1 for recv in normal_recv_all(ex))
-
 
 def run_example(world: MPI.Comm, ex: Example, check: Callable[[MPI.Comm, Example], list[str]]):
     """Run ``check`` on the example's group; fail on every world rank alike (same exception

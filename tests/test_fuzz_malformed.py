@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import event, given, reject
+from hypothesis import given
 from hypothesis import strategies as st
 from mpi4py import MPI
 
 import oracle
 from conftest import bf16_tensor
-from fuzz_checks import TIMEOUT_S, defect_1_case, run_example
+from fuzz_checks import TIMEOUT_S, run_example
 from fuzz_inputs import FUZZ_SETTINGS, Example, routing, x_values
 from mpiep.errors import ArgumentMismatchError, CapacityError
 
@@ -217,9 +217,6 @@ def test_fuzz_malformed_inputs(comm: MPI.Comm) -> None:
     @FUZZ_SETTINGS
     @given(b=bad_examples(comm.size))
     def one(b: Bad) -> None:
-        if not KINDS[b.kind][0] and defect_1_case(b.ex):
-            event("skipped: a one-row receiver (issue 11 defect 1, open)")
-            reject()
         run_example(comm, b.ex, lambda group, _: check_bad(group, b))
 
     one()
