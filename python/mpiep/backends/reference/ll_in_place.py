@@ -16,10 +16,10 @@ from mpi4py import MPI
 
 from mpiep.backends.reference import datatypes as dt
 from mpiep.backends.reference.exchange import Exchange, as_numpy
+from mpiep.backends.reference.fused import slot_sum
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.ll_layout import destinations, offsets
 from mpiep.backends.reference.packing import as_words
-from mpiep.backends.reference.reduce import slot_sum
 from mpiep.fp8 import pack_ue8m0, round_scale_to_pow2
 
 Rows = Callable[[torch.Tensor, torch.Tensor], None]  # (masked weights, out): the sum

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import torch
 
 from mpiep.backends.reference.exchange import Exchange
+from mpiep.backends.reference.fused import gather_sum
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.ll_in_place import Rows, Tags
 from mpiep.backends.reference.ll_layout import destinations, group_rows
 from mpiep.backends.reference.packing import RowLayout, as_words
-from mpiep.backends.reference.reduce import gather_sum
 from mpiep.fp8 import pack_ue8m0, round_scale_to_pow2
 
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.reference.fused import cast_to_fp8
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.ll_in_place import combine_in_place, dispatch_in_place
 from mpiep.backends.reference.ll_layout import pairs
 from mpiep.backends.reference.ll_staged import combine_staged, dispatch_staged
 from mpiep.backends.reference.normal import check_handles, gather_counts, on_cpu, start_counts
 from mpiep.errors import CapacityError
-from mpiep.fp8 import per_token_cast_to_fp8
 from mpiep.handles import LowLatencyHandle
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def dispatch(
     )
     # While the counts travel: the FP8 cast, done once per token.
     if use_fp8:
-        data, scales = per_token_cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
+        data, scales = cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
         data = data.view(torch.uint8)
     else:
         data, scales = on_cpu(x), None

@@ -20,9 +20,10 @@ import torch
 
 from mpiep.backends.base import DispatchResult, Layout
 from mpiep.backends.reference.exchange import Exchange
+from mpiep.backends.reference.fused import gather_sum
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.packing import RowLayout
-from mpiep.backends.reference.reduce import gather_sum, rows_by_token
+from mpiep.backends.reference.reduce import rows_by_token
 from mpiep.config import CONTROL_BYTES, normal_row_bytes
 from mpiep.errors import CapacityError
 from mpiep.handles import DispatchHandle
