@@ -201,22 +201,25 @@ def test_gather_sum_refuses_bad_arguments(ops) -> None:
 
 @pytest.mark.parametrize("hidden", [128, 7168])
 @pytest.mark.parametrize(("tokens", "topk"), [(0, 8), (1, 1), (128, 8), (5, 0)])
-def test_slot_sum_matches_torch(ops, hidden: int, tokens: int, topk: int) -> None:
-    """Low-latency combine's sum over the slots of [T, K, H] rows (ll_in_place.py)."""
+def test_low_latency_combine_sum(ops, hidden: int, tokens: int, topk: int) -> None:
+    """Low-latency combine's sum as ll_staged.py calls it: received rows in arrival order
+    plus a zero row, idx[t, k] the row of pair (t, k), weights 0 where there is none."""
     from mpiep.backends.reference import fused, reduce
 
     rng = np.random.default_rng([hidden, tokens, topk])
-    bits = _bf16_rows(rng, tokens * topk, hidden).reshape(tokens, topk, hidden)
-    w = rng.uniform(0.0, 1.0, (tokens, topk)).astype(np.float32)
-    w[rng.random((tokens, topk)) < 0.2] = 0.0
-    bits[w == 0] = 0  # slots without an expert: zero rows, weight 0
-    rows = bf16_tensor(bits.reshape(-1, hidden)).view(tokens, topk, hidden)
+    has = rng.random((tokens, topk)) >= 0.2
+    num_back = int(has.sum())
+    bits = _bf16_rows(rng, num_back + 1, hidden)
+    bits[num_back] = 0
+    idx = np.full((tokens, topk), num_back, dtype=np.int64)
+    idx[has] = rng.permutation(num_back)
+    w = np.where(has, rng.uniform(0.0, 1.0, (tokens, topk)), 0.0).astype(np.float32)
+    rows, idx_t, w_t = bf16_tensor(bits), torch.from_numpy(idx), torch.from_numpy(w)
     fused_out = torch.full((tokens, hidden), 7.0, dtype=torch.bfloat16)
-    fused.slot_sum(rows, torch.from_numpy(w), fused_out)
-    idx = np.arange(tokens * topk, dtype=np.int64).reshape(tokens, topk)
-    _same_bf16(fused_out, oracle.gather_sum(bits.reshape(-1, hidden), idx, w))
+    fused.gather_sum(rows, idx_t, fused_out, weights=w_t)
+    _same_bf16(fused_out, oracle.gather_sum(bits, idx, w))
     torch_out = torch.full((tokens, hidden), 7.0, dtype=torch.bfloat16)
-    reduce.slot_sum(rows, torch.from_numpy(w), torch_out)
+    reduce.gather_sum(rows, idx_t, torch_out, weights=w_t)
     if TORCH_ADDCMUL_IS_FMA or topk < 2:
         _same_bf16(torch_out, bf16_bits(fused_out))
 

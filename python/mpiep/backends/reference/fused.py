@@ -66,19 +66,6 @@ def gather_sum(
     ops.reference_gather_sum(rows, idx.to(torch.int64).contiguous(), out, w, list(bias))
 
 
-def slot_sum(rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[t] = bf16(sum_k weights[t, k] * rows[t, k])`` for ``rows`` ``[T, K, H]`` in
-    (token, slot) order: see :func:`mpiep.backends.reference.reduce.slot_sum`."""
-    tokens, num_topk, hidden = rows.shape
-    ops = native()
-    if ops is None or not rows.is_contiguous() or not _cpu_bf16_rows(out):
-        reduce.slot_sum(rows, weights, out)
-        return
-    idx = torch.arange(tokens * num_topk, dtype=torch.int64).view(tokens, num_topk)
-    flat = rows.view(tokens * num_topk, hidden)
-    ops.reference_gather_sum(flat, idx, out, weights.to(torch.float32).contiguous(), [])
-
-
 def cast_to_fp8(
     x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,3 +35,11 @@ def destinations(counts: torch.Tensor, start: torch.Tensor, rows_per_expert: int
     gid, within = group_rows(counts)
     src, e = gid // epr, gid % epr
     return e * rows_per_expert + start[src, e] + within
+
+
+def run_rows(lengths: torch.Tensor, firsts: torch.Tensor) -> torch.Tensor:
+    """Rows of consecutive runs, run after run: ``lengths[i]`` rows from row ``firsts[i]``."""
+    lengths = lengths.to(torch.int64)
+    run = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    begin = torch.cumsum(lengths, 0) - lengths
+    return firsts.to(torch.int64)[run] + torch.arange(run.numel()) - begin[run]

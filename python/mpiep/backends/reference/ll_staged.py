@@ -1,7 +1,12 @@
-"""Low-latency rows packed with their tags ``[row | token, slot]``, exchanged with
-``Ialltoallv`` and placed with one indexed copy: the path of CUDA tensors (staged on the
-host once per call) and of hooked combines, whose expert rows the caller may overwrite as
-soon as the call returns.
+"""Low-latency rows packed and exchanged with ``Ialltoallv``.
+
+Dispatch of CUDA tensors (staged on the host once per call): rows packed with their tags
+``[row | token, slot]``, placed with one indexed copy. Every combine: rows packed by one row
+gather, tags beside them, received into one buffer that the fused sum reads in place
+(fused.py), so that MPI copies each row once (contiguous buffers go by single-copy shared
+memory; the datatypes of an in-place ``Ialltoallw`` made MPI pack and unpack every row, and
+the unpacked rows were read once more by the sum). Packing also lets a hooked combine return
+before MPI has read the expert rows, which the caller may then overwrite.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import torch
 from mpiep.backends.reference.exchange import Exchange
 from mpiep.backends.reference.fused import gather_sum
 from mpiep.backends.reference.host_cache import host_empty
-from mpiep.backends.reference.ll_in_place import Rows, Tags
-from mpiep.backends.reference.ll_layout import destinations, group_rows
+from mpiep.backends.reference.ll_layout import destinations, group_rows, offsets
 from mpiep.backends.reference.packing import RowLayout, as_words
 from mpiep.fp8 import pack_ue8m0, round_scale_to_pow2
+
+Rows = Callable[[torch.Tensor, torch.Tensor], None]  # (masked weights, out): the sum
+Tags = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # the (token, slot) of each row back
 
 
 def dispatch_staged(
@@ -74,32 +81,42 @@ def combine_staged(
     plan: tuple[list[int], list[int], torch.Tensor, torch.Tensor],
     source_side: tuple[torch.Tensor, torch.Tensor, int, int],
 ) -> tuple[Rows, Tags]:
-    """Packed rows [y | token, slot] through Ialltoallv; the sum gathers them by tag."""
+    """Rows packed by one row gather, and their (token, slot) tags beside them, through two
+    Ialltoallv of contiguous buffers (MPI copies each row once); the sum reads the received
+    rows where they landed, by tag."""
     y, src_idx, src_slot = expert_side
     send_rows, back_rows, counts, first = plan
     token, k, tokens, num_topk = source_side
     rows_per_expert = y.shape[0] // counts.shape[1]
+    hidden = y.shape[1]
     gid, within = group_rows(counts)
     src, e = gid // counts.shape[1], gid % counts.shape[1]
     flat = e * rows_per_expert + first[src, e] + within
-    layout = RowLayout([("y", torch.bfloat16, y.shape[1]), ("meta", torch.int32, 2)])
-    send = host_empty((flat.numel(), layout.row_bytes), torch.uint8)
-    torch.index_select(y, 0, flat, out=layout.view(send, "y"))
-    meta = layout.view(send, "meta")
-    meta[:, 0].copy_(src_idx[flat])
-    meta[:, 1].copy_(src_slot[flat])
     num_back = sum(back_rows)
-    recv = host_empty((num_back + 1, layout.row_bytes), torch.uint8)
+    recv = host_empty((num_back + 1, hidden), torch.bfloat16)
     recv[num_back].zero_()  # the row that slots without an expert point at
-    exchange.start_alltoallv(send, send_rows, recv[:num_back], back_rows, layout.row_bytes)
+    # Rows for other ranks are packed; this rank's own rows go straight to their place in
+    # recv (MPI skips them).
+    rank = exchange.comm.rank
+    mine = offsets(send_rows)[rank], offsets(back_rows)[rank], send_rows[rank]
+    send = host_empty((flat.numel(), hidden), torch.bfloat16)
+    words, send_words = as_words(y), as_words(send)
+    torch.index_select(words, 0, flat[: mine[0]], out=send_words[: mine[0]])
+    torch.index_select(words, 0, flat[mine[0] + mine[2] :], out=send_words[mine[0] + mine[2] :])
+    own = slice(mine[1], mine[1] + mine[2])
+    torch.index_select(words, 0, flat[mine[0] : mine[0] + mine[2]], out=as_words(recv)[own])
+    send_tags = torch.stack([src_idx[flat], src_slot[flat]], dim=1).to(torch.int32)
+    recv_tags = torch.empty(num_back, 2, dtype=torch.int32)
+    exchange.start_alltoallv(send, send_rows, recv[:num_back], back_rows, hidden * 2, True)
+    exchange.start_alltoallv(send_tags, send_rows, recv_tags, back_rows, 8)
 
     def tags() -> tuple[torch.Tensor, torch.Tensor]:
-        meta_r = layout.view(recv[:num_back], "meta").to(torch.int64)
-        return meta_r[:, 0], meta_r[:, 1]
+        back = recv_tags.to(torch.int64)
+        return back[:, 0], back[:, 1]
 
     def rows(weights: torch.Tensor, out: torch.Tensor) -> None:
         idx = torch.full((tokens * num_topk,), num_back, dtype=torch.int64)
         idx[token * num_topk + k] = torch.arange(num_back)
-        gather_sum(layout.view(recv, "y"), idx.view(tokens, num_topk), out, weights=weights)
+        gather_sum(recv, idx.view(tokens, num_topk), out, weights=weights)
 
     return rows, tags

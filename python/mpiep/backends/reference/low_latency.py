@@ -12,9 +12,10 @@ slots in order (reduce.py). Rows come back in the order the source dispatched th
 expert, then token and slot); the (token, slot) tags that travel with them are checked
 against it.
 
-How rows move: on CPU tensors in place, by one ``Ialltoallw`` (ll_in_place.py); for CUDA
-tensors (staged on the host once per call) and hooked combines packed with their tags
-through ``Ialltoallv`` (ll_staged.py).
+How rows move: dispatch rows of CPU tensors in place, by one ``Ialltoallw``
+(ll_in_place.py), those of CUDA tensors (staged on the host once per call) packed with their
+tags through ``Ialltoallv``; combine rows packed by one row gather and exchanged with
+``Ialltoallv`` into one buffer, which the fused sum reads in place (ll_staged.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from mpiep.backends.base import LowLatencyDispatchResult
 from mpiep.backends.reference.fused import cast_to_fp8
 from mpiep.backends.reference.host_cache import host_empty
-from mpiep.backends.reference.ll_in_place import combine_in_place, dispatch_in_place
+from mpiep.backends.reference.ll_in_place import dispatch_in_place
 from mpiep.backends.reference.ll_layout import pairs
 from mpiep.backends.reference.ll_staged import combine_staged, dispatch_staged
 from mpiep.backends.reference.normal import check_handles, gather_counts, on_cpu, start_counts
@@ -38,7 +39,7 @@ from mpiep.handles import LowLatencyHandle
 if TYPE_CHECKING:
     from mpiep.backends.reference.backend import ReferenceBackend
 
-IN_PLACE = True  # CPU tensors: rows moved in place by Ialltoallw (tests also run without)
+IN_PLACE = True  # CPU dispatch rows moved in place by Ialltoallw (tests also run without)
 
 
 def dispatch(
@@ -200,11 +201,11 @@ def combine(
     src_slot = handle.backend_state["src_slot"]
     assert isinstance(src_slot, torch.Tensor)
     exchange = backend.exchange("low_latency_combine: data")
-    # With a hook the call returns before MPI has read the expert rows, which the caller
-    # may overwrite (the next layer, the zero-copy buffer): send a packed copy then.
-    in_place = device.type == "cpu" and IN_PLACE and not return_recv_hook
-    move = combine_in_place if in_place else combine_staged
-    rows, tags = move(exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk))
+    # Packed rows, which also lets a hooked call return before MPI has read the expert
+    # rows: the caller may overwrite them (the next layer, the zero-copy buffer).
+    rows, tags = combine_staged(
+        exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk)
+    )
     result = (
         out if out is not None else torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
     )
