@@ -22,8 +22,8 @@ from mpiep.fp8 import pack_ue8m0, round_scale_to_pow2
 
 def dispatch_in_place(
     exchange: Exchange,
-    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-    plan: tuple[list[int], list[int], torch.Tensor, torch.Tensor],
+    rows: tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor | None],
+    plan: tuple[list[int], list[int], np.ndarray, np.ndarray],
     outputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor],
     use_ue8m0: bool,
 ) -> Callable[[], None]:
@@ -34,8 +34,9 @@ def dispatch_in_place(
     recv_x, recv_scales, src_token_idx, src_slot = outputs
     num_ranks, epr = counts.shape
     rows_per_expert = recv_x.shape[1]
-    tok32 = token.to(torch.int32).numpy()
-    slot32 = k.to(torch.int32).numpy()
+    tok32 = token.astype(np.int32)
+    slot32 = k.astype(np.int32)
+    firsts = np.arange(epr) * rows_per_expert + start  # [src, e]: first row of each run
     x_np, out_np = as_numpy(data), as_numpy(recv_x)
     sc_np = as_numpy(scales) if scales is not None else None
     tok_out, slot_out = src_token_idx.numpy().reshape(-1), src_slot.numpy()
@@ -53,22 +54,21 @@ def dispatch_in_place(
             sends.append(dt.peer_type([]))
             recvs.append(dt.peer_type([]))
             continue
-        picked = token[send_at[peer] : send_at[peer] + send_rows[peer]].numpy()
+        picked = token[send_at[peer] : send_at[peer] + send_rows[peer]]
         parts = [(x_np, dt.picked_rows(row_x, picked))]
         if sc_np is not None:
             parts.append((sc_np, dt.picked_rows(row_sc, picked)))
         parts.append(dt.contiguous(tok32, send_at[peer], send_rows[peer], MPI.INT32_T))
         parts.append(dt.contiguous(slot32, send_at[peer], send_rows[peer], MPI.INT32_T))
         sends.append(dt.peer_type(parts))
-        lengths = counts[peer].numpy()
-        firsts = (torch.arange(epr) * rows_per_expert + start[peer]).numpy()
-        parts = [(out_np, dt.row_runs(row_x, lengths, firsts))]
+        lengths, at = counts[peer], firsts[peer]
+        parts = [(out_np, dt.row_runs(row_x, lengths, at))]
         if out_sc is not None:
-            parts.append((out_sc, dt.row_runs(row_sc, lengths, firsts)))
+            parts.append((out_sc, dt.row_runs(row_sc, lengths, at)))
         elif staged is not None:
             parts.append(dt.contiguous(staged, recv_at[peer], recv_rows[peer], row_sc))
-        parts.append((tok_out, dt.row_runs(MPI.INT32_T, lengths, firsts)))
-        parts.append((slot_out, dt.row_runs(MPI.INT32_T, lengths, firsts)))
+        parts.append((tok_out, dt.row_runs(MPI.INT32_T, lengths, at)))
+        parts.append((slot_out, dt.row_runs(MPI.INT32_T, lengths, at)))
         recvs.append(dt.peer_type(parts))
     for t in (row_x, row_sc):
         if t is not None:
@@ -77,8 +77,8 @@ def dispatch_in_place(
     # Own rows: MPI would copy them through its generic datatype engine, 2-3x slower
     # than a row gather here. Same rows, same places.
     mine = slice(send_at[rank], send_at[rank] + send_rows[rank])
-    picked = token[mine].numpy()
-    dst = run_rows(counts[rank], torch.arange(epr) * rows_per_expert + start[rank]).numpy()
+    picked = token[mine]
+    dst = run_rows(counts[rank], firsts[rank])
     as_words(recv_x.view(epr * rows_per_expert, -1)).numpy()[dst] = as_words(data).numpy()[picked]
     if scales is not None and staged is not None:
         staged[recv_at[rank] : recv_at[rank] + recv_rows[rank]] = scales.numpy()[picked]
@@ -89,7 +89,7 @@ def dispatch_in_place(
 
     def place() -> None:
         if staged is not None and recv_scales is not None:
-            dst = destinations(counts, start, rows_per_expert).numpy()
+            dst = destinations(counts, start, rows_per_expert)
             packed = pack_ue8m0(round_scale_to_pow2(torch.from_numpy(staged)))
             recv_scales.view(-1, recv_scales.shape[2]).numpy()[dst] = packed.numpy()
 

@@ -59,17 +59,18 @@ def dispatch(
     epr = num_experts // num_ranks
     rows_per_expert = num_ranks * max_tokens
     tokens, hidden = x.shape
-    ids = on_cpu(topk_idx)
-    bad_id = bool(ids.numel()) and bool((ids >= num_experts).any() or (ids < -1).any())
+    ids = on_cpu(topk_idx).numpy()
+    bad = (ids >= num_experts) | (ids < -1)
+    bad_id = bool(bad.any())
     slot = backend.dispatch_slots.claim()  # before anything is sent
 
-    token, k, expert = pairs(torch.where((ids >= num_experts) | (ids < -1), -1, ids))
-    per_expert = torch.bincount(expert, minlength=num_experts)
+    token, k, expert = pairs(np.where(bad, -1, ids) if bad_id else ids)
+    per_expert = np.bincount(expert, minlength=num_experts)
     counting, everyone = start_counts(
         backend,
         "low_latency_dispatch: count exchange",
         (num_experts, per_expert),
-        (1, torch.tensor([int(bad_id)])),
+        (1, np.array([int(bad_id)])),
     )
     # While the counts travel: the FP8 cast, done once per token.
     if use_fp8:
@@ -94,9 +95,9 @@ def dispatch(
             f"the {rows_per_expert} (ranks x num_max_dispatch_tokens_per_rank) it has room for "
             "(a token names the same expert in several slots?)"
         )
-    counts = torch.from_numpy(everyone[:, rank * epr : (rank + 1) * epr].copy())  # [src, e]
-    start = torch.cumsum(counts, 0) - counts  # [src, e]: first row of src's group
-    send_rows = per_expert.view(num_ranks, epr).sum(1).tolist()
+    counts = everyone[:, rank * epr : (rank + 1) * epr]  # [src, e]
+    start = np.cumsum(counts, 0) - counts  # [src, e]: first row of src's group
+    send_rows = per_expert.reshape(num_ranks, epr).sum(1).tolist()
     recv_rows = counts.sum(1).tolist()
 
     groups = hidden // 128
@@ -130,8 +131,8 @@ def dispatch(
     def finish() -> None:
         backend.wait(exchange)
         place()
-        layout_range.copy_(torch.stack([start.t(), counts.t()], dim=2))
-        recv_count.copy_(counts.sum(0))
+        layout_range.copy_(torch.from_numpy(np.stack([start.T, counts.T], axis=2)))
+        recv_count.copy_(torch.from_numpy(counts.sum(0)))
         if stats is not None:
             stats.add_(recv_count.to(stats.device))
         state["received"] = True
@@ -177,16 +178,16 @@ def combine(
             "low_latency_combine: the dispatch of this handle has not received its rows yet; "
             "call its receive hook first"
         )
-    ranges = on_cpu(handle.layout_range).to(torch.int64)
-    first, counts = ranges[:, :, 0].t(), ranges[:, :, 1].t()  # [src, e]
-    if bool((counts < 0).any() or (first < 0).any() or (first + counts > rows_per_expert).any()):
+    ranges = on_cpu(handle.layout_range).numpy().astype(np.int64)
+    first, counts = ranges[:, :, 0].T, ranges[:, :, 1].T  # [src, e]
+    if (counts < 0).any() or (first < 0).any() or (first + counts > rows_per_expert).any():
         raise ValueError("low_latency_combine: the handle's layout_range is corrupt")
     slot = backend.combine_slots.claim()  # before anything is sent
 
-    ids = on_cpu(topk_idx)
+    ids = on_cpu(topk_idx).numpy()
     valid = ids >= 0
     token, k, expert = pairs(ids)  # the order this rank's rows come back in
-    back_rows = torch.bincount(expert // epr, minlength=num_ranks)[:num_ranks]
+    back_rows = np.bincount(expert // epr, minlength=num_ranks)[:num_ranks]
     send_rows = counts.sum(1)
     everyone = gather_counts(
         backend,
@@ -213,12 +214,12 @@ def combine(
     def finish() -> None:
         backend.wait(exchange)
         back_token, back_k = tags()
-        if not (torch.equal(back_token, token) and torch.equal(back_k, k)):
+        if not (np.array_equal(back_token, token) and np.array_equal(back_k, k)):
             raise ValueError(
                 "low_latency_combine: rows came back for other (token, slot) pairs than this "
                 "rank dispatched: topk_idx or the handle differ from the dispatch's"
             )
-        w = torch.where(valid, on_cpu(topk_weights).float(), 0.0)
+        w = torch.where(torch.from_numpy(valid), on_cpu(topk_weights).float(), 0.0)
         target = (
             result
             if result.device.type == "cpu"
