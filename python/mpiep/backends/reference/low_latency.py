@@ -14,8 +14,8 @@ against it.
 
 How rows move: dispatch rows of CPU tensors in place, by one ``Ialltoallw``
 (ll_in_place.py), those of CUDA tensors (staged on the host once per call) packed with their
-tags through ``Ialltoallv``; combine rows packed by one row gather and exchanged with
-``Ialltoallv`` into one buffer, which the fused sum reads in place (ll_staged.py).
+tags through ``Ialltoallv``; combine rows into one contiguous buffer at their source, which
+the fused sum reads in place (ll_staged.py).
 """
 
 from __future__ import annotations
@@ -202,10 +202,11 @@ def combine(
     src_slot = handle.backend_state["src_slot"]
     assert isinstance(src_slot, torch.Tensor)
     exchange = backend.exchange("low_latency_combine: data")
-    # Packed rows, which also lets a hooked call return before MPI has read the expert
-    # rows: the caller may overwrite them (the next layer, the zero-copy buffer).
+    # A hooked call returns before MPI has read the expert rows, which the caller may then
+    # overwrite: they go from a copy (CUDA rows were copied to the host already).
+    pack = return_recv_hook and device.type == "cpu"
     rows, tags = combine_staged(
-        exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk)
+        exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk), pack
     )
     result = (
         out if out is not None else torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
