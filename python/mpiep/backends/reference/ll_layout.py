@@ -41,9 +41,3 @@ def destinations(counts: np.ndarray, start: np.ndarray, rows_per_expert: int) ->
     gid, within = group_rows(counts)
     src, e = gid // epr, gid % epr
     return e * rows_per_expert + start[src, e] + within
-
-
-def run_rows(lengths: np.ndarray, firsts: np.ndarray) -> np.ndarray:
-    """Rows of consecutive runs, run after run: ``lengths[i]`` rows from row ``firsts[i]``."""
-    run, within = group_rows(lengths)
-    return np.asarray(firsts, dtype=np.int64)[run] + within
