@@ -201,6 +201,10 @@ class BuildCore(build_ext):
             "-fPIC",
             "-fvisibility=hidden",
             "-DNDEBUG",
+            # No a * b + c turned into an fma behind our back: the reference backend's CPU
+            # kernels (reference_cpu_ops.cpp) must round exactly as the torch code they
+            # replace, and say where they want an fma.
+            "-ffp-contract=off",
             "-DTORCH_EXTENSION_NAME=_ops",
             "-DTORCH_API_INCLUDE_EXTENSION_H",
             *info["flags"],

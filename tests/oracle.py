@@ -145,6 +145,58 @@ def per_token_cast_back(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return f32_to_bf16(vals * expanded)
 
 
+# --------------------------------------------------------------------------- float32 sums
+def f32_add(acc: np.ndarray, term: np.ndarray) -> np.ndarray:
+    """float32 ``acc + term`` rounded once, to nearest even: one step of the combine sums.
+
+    ``term`` is float64 and exact (a float32 weight times a BF16 value needs 32 bits), so
+    this is a fused multiply-add. The float64 sum ``s`` is rounded again to float32, which is
+    right except where ``s`` lies exactly halfway between two float32 values and the float64
+    rounding hid which side the exact sum is on: TwoSum gives that error, and the tie goes
+    towards it.
+    """
+    a = np.asarray(acc, dtype=np.float32).astype(np.float64)
+    p = np.asarray(term, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = a + p
+        bp = s - a
+        err = (a - (s - bp)) + (p - bp)  # a + p == s + err exactly
+        r = s.astype(np.float32)
+        towards = np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf))
+        other = np.nextafter(r, towards)
+        halfway = (s != r) & (s == (r.astype(np.float64) + other.astype(np.float64)) / 2)
+        beyond = np.sign(err) == np.sign(other.astype(np.float64) - r.astype(np.float64))
+    return np.where(halfway & (err != 0) & beyond, other, r).astype(np.float32)
+
+
+def gather_sum(
+    rows: np.ndarray,
+    idx: np.ndarray,
+    weights: np.ndarray | None = None,
+    bias: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """BF16 bits [T, H] of the combine sums, float32 step by step: per token, the row of the
+    first slot times its weight, then ``+ w[t, j] * rows[idx[t, j]]`` for j = 1, 2, ... each
+    rounded once (f32_add), then the biases, then one rounding to BF16. ``rows`` BF16 bits
+    [N, H]; ``idx`` [T, J]; ``weights`` float32 [T, J] or None (ones); ``bias`` BF16 bits
+    [T, H] each. Without slots (J == 0) the biases are added one by one in BF16."""
+    t, j = idx.shape
+    vals = bf16_to_f32(rows)
+    biases = [bf16_to_f32(b) for b in bias or []]
+    if j == 0 or t == 0:
+        out = np.zeros((t, rows.shape[1]), dtype=np.uint16)
+        for b in biases:
+            out = f32_to_bf16(f32_add(bf16_to_f32(out), b))
+        return out
+    w = np.ones((t, j), np.float32) if weights is None else np.asarray(weights, np.float32)
+    acc = (vals[idx[:, 0]].astype(np.float64) * w[:, :1]).astype(np.float32)
+    for k in range(1, j):
+        acc = f32_add(acc, vals[idx[:, k]].astype(np.float64) * w[:, k : k + 1])
+    for b in biases:
+        acc = f32_add(acc, b)
+    return f32_to_bf16(acc)
+
+
 # --------------------------------------------------------------------------- routing inputs
 def make_routing(
     rng: np.random.Generator,

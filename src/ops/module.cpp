@@ -11,6 +11,7 @@
 #include "runtime/stream_hop.h"
 #include "ops/low_latency_ops.h"
 #include "ops/normal_ops.h"
+#include "ops/reference_cpu_ops.h"
 
 namespace py = pybind11;
 using namespace mpiep::ops;
@@ -199,4 +200,21 @@ PYBIND11_MODULE(_ops, m) {
           return internode_combine(rt, x, topk_weights, state, host_counts, bias0, bias1,
                                    num_tokens, num_sms, chunk, hop);
         });
+
+  // The reference backend's fused CPU kernels (backends/reference/fused.py picks them).
+  m.def(
+      "reference_gather_sum",
+      [](const at::Tensor& rows, const at::Tensor& idx, const at::Tensor& out,
+         const OptTensor& weights, const std::vector<at::Tensor>& bias) {
+        py::gil_scoped_release nogil;
+        reference_gather_sum(rows, idx, out, weights, bias);
+      },
+      py::arg("rows"), py::arg("idx"), py::arg("out"), py::arg("weights"), py::arg("bias"));
+  m.def(
+      "reference_cast_to_fp8",
+      [](const at::Tensor& x, bool round_scale, bool use_ue8m0) {
+        py::gil_scoped_release nogil;
+        return reference_cast_to_fp8(x, round_scale, use_ue8m0);
+      },
+      py::arg("x"), py::arg("round_scale"), py::arg("use_ue8m0"));
 }

@@ -10,8 +10,9 @@ kernels exist, so each call is a few vectorised torch operations around nonblock
   ``ll_layout.py``: how low-latency rows move; ``datatypes.py``: MPI derived datatypes.
 - ``exchange.py``: nonblocking MPI exchanges that own their buffers until MPI is done.
 - ``hooks.py``: receive hooks with the GPU engine's rules.
-- ``packing.py``: aligned packed rows; ``reduce.py``: the combine sums;
-  ``host_cache.py``: reuse of large host blocks (fresh pages are expensive).
+- ``packing.py``: aligned packed rows; ``reduce.py``: the combine sums (pure torch, the
+  definition); ``fused.py``: where the sums and the FP8 cast run, the op layer's fused CPU
+  loops or torch; ``host_cache.py``: reuse of large host blocks (fresh pages are expensive).
 """
 
 from mpiep.backends.reference.backend import ReferenceBackend

@@ -12,9 +12,10 @@ slots in order (reduce.py). Rows come back in the order the source dispatched th
 expert, then token and slot); the (token, slot) tags that travel with them are checked
 against it.
 
-How rows move: on CPU tensors in place, by one ``Ialltoallw`` (ll_in_place.py); for CUDA
-tensors (staged on the host once per call) and hooked combines packed with their tags
-through ``Ialltoallv`` (ll_staged.py).
+How rows move: dispatch rows of CPU tensors in place, by one ``Ialltoallw``
+(ll_in_place.py), those of CUDA tensors (staged on the host once per call) packed with their
+tags through ``Ialltoallv``; combine rows into one contiguous buffer at their source, which
+the fused sum reads in place (ll_staged.py).
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ import numpy as np
 import torch
 
 from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.reference.fused import cast_to_fp8
 from mpiep.backends.reference.host_cache import host_empty
-from mpiep.backends.reference.ll_in_place import combine_in_place, dispatch_in_place
+from mpiep.backends.reference.ll_in_place import dispatch_in_place
 from mpiep.backends.reference.ll_layout import pairs
 from mpiep.backends.reference.ll_staged import combine_staged, dispatch_staged
 from mpiep.backends.reference.normal import check_handles, gather_counts, on_cpu, start_counts
 from mpiep.errors import CapacityError
-from mpiep.fp8 import per_token_cast_to_fp8
 from mpiep.handles import LowLatencyHandle
 
 if TYPE_CHECKING:
     from mpiep.backends.reference.backend import ReferenceBackend
 
-IN_PLACE = True  # CPU tensors: rows moved in place by Ialltoallw (tests also run without)
+IN_PLACE = True  # CPU dispatch rows moved in place by Ialltoallw (tests also run without)
 
 
 def dispatch(
@@ -58,21 +59,22 @@ def dispatch(
     epr = num_experts // num_ranks
     rows_per_expert = num_ranks * max_tokens
     tokens, hidden = x.shape
-    ids = on_cpu(topk_idx)
-    bad_id = bool(ids.numel()) and bool((ids >= num_experts).any() or (ids < -1).any())
+    ids = on_cpu(topk_idx).numpy()
+    bad = (ids >= num_experts) | (ids < -1)
+    bad_id = bool(bad.any())
     slot = backend.dispatch_slots.claim()  # before anything is sent
 
-    token, k, expert = pairs(torch.where((ids >= num_experts) | (ids < -1), -1, ids))
-    per_expert = torch.bincount(expert, minlength=num_experts)
+    token, k, expert = pairs(np.where(bad, -1, ids) if bad_id else ids)
+    per_expert = np.bincount(expert, minlength=num_experts)
     counting, everyone = start_counts(
         backend,
         "low_latency_dispatch: count exchange",
         (num_experts, per_expert),
-        (1, torch.tensor([int(bad_id)])),
+        (1, np.array([int(bad_id)])),
     )
     # While the counts travel: the FP8 cast, done once per token.
     if use_fp8:
-        data, scales = per_token_cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
+        data, scales = cast_to_fp8(on_cpu(x), round_scale=round_scale or use_ue8m0)
         data = data.view(torch.uint8)
     else:
         data, scales = on_cpu(x), None
@@ -93,9 +95,9 @@ def dispatch(
             f"the {rows_per_expert} (ranks x num_max_dispatch_tokens_per_rank) it has room for "
             "(a token names the same expert in several slots?)"
         )
-    counts = torch.from_numpy(everyone[:, rank * epr : (rank + 1) * epr].copy())  # [src, e]
-    start = torch.cumsum(counts, 0) - counts  # [src, e]: first row of src's group
-    send_rows = per_expert.view(num_ranks, epr).sum(1).tolist()
+    counts = everyone[:, rank * epr : (rank + 1) * epr]  # [src, e]
+    start = np.cumsum(counts, 0) - counts  # [src, e]: first row of src's group
+    send_rows = per_expert.reshape(num_ranks, epr).sum(1).tolist()
     recv_rows = counts.sum(1).tolist()
 
     groups = hidden // 128
@@ -129,8 +131,8 @@ def dispatch(
     def finish() -> None:
         backend.wait(exchange)
         place()
-        layout_range.copy_(torch.stack([start.t(), counts.t()], dim=2))
-        recv_count.copy_(counts.sum(0))
+        layout_range.copy_(torch.from_numpy(np.stack([start.T, counts.T], axis=2)))
+        recv_count.copy_(torch.from_numpy(counts.sum(0)))
         if stats is not None:
             stats.add_(recv_count.to(stats.device))
         state["received"] = True
@@ -176,16 +178,16 @@ def combine(
             "low_latency_combine: the dispatch of this handle has not received its rows yet; "
             "call its receive hook first"
         )
-    ranges = on_cpu(handle.layout_range).to(torch.int64)
-    first, counts = ranges[:, :, 0].t(), ranges[:, :, 1].t()  # [src, e]
-    if bool((counts < 0).any() or (first < 0).any() or (first + counts > rows_per_expert).any()):
+    ranges = on_cpu(handle.layout_range).numpy().astype(np.int64)
+    first, counts = ranges[:, :, 0].T, ranges[:, :, 1].T  # [src, e]
+    if (counts < 0).any() or (first < 0).any() or (first + counts > rows_per_expert).any():
         raise ValueError("low_latency_combine: the handle's layout_range is corrupt")
     slot = backend.combine_slots.claim()  # before anything is sent
 
-    ids = on_cpu(topk_idx)
+    ids = on_cpu(topk_idx).numpy()
     valid = ids >= 0
     token, k, expert = pairs(ids)  # the order this rank's rows come back in
-    back_rows = torch.bincount(expert // epr, minlength=num_ranks)[:num_ranks]
+    back_rows = np.bincount(expert // epr, minlength=num_ranks)[:num_ranks]
     send_rows = counts.sum(1)
     everyone = gather_counts(
         backend,
@@ -200,11 +202,12 @@ def combine(
     src_slot = handle.backend_state["src_slot"]
     assert isinstance(src_slot, torch.Tensor)
     exchange = backend.exchange("low_latency_combine: data")
-    # With a hook the call returns before MPI has read the expert rows, which the caller
-    # may overwrite (the next layer, the zero-copy buffer): send a packed copy then.
-    in_place = device.type == "cpu" and IN_PLACE and not return_recv_hook
-    move = combine_in_place if in_place else combine_staged
-    rows, tags = move(exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk))
+    # A hooked call returns before MPI has read the expert rows, which the caller may then
+    # overwrite: they go from a copy (CUDA rows were copied to the host already).
+    pack = return_recv_hook and device.type == "cpu"
+    rows, tags = combine_staged(
+        exchange, (yc, src_idx, src_slot), plan, (token, k, tokens, num_topk), pack
+    )
     result = (
         out if out is not None else torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
     )
@@ -212,12 +215,12 @@ def combine(
     def finish() -> None:
         backend.wait(exchange)
         back_token, back_k = tags()
-        if not (torch.equal(back_token, token) and torch.equal(back_k, k)):
+        if not (np.array_equal(back_token, token) and np.array_equal(back_k, k)):
             raise ValueError(
                 "low_latency_combine: rows came back for other (token, slot) pairs than this "
                 "rank dispatched: topk_idx or the handle differ from the dispatch's"
             )
-        w = torch.where(valid, on_cpu(topk_weights).float(), 0.0)
+        w = torch.where(torch.from_numpy(valid), on_cpu(topk_weights).float(), 0.0)
         target = (
             result
             if result.device.type == "cpu"

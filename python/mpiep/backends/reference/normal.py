@@ -20,9 +20,10 @@ import torch
 
 from mpiep.backends.base import DispatchResult, Layout
 from mpiep.backends.reference.exchange import Exchange
+from mpiep.backends.reference.fused import gather_sum
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.packing import RowLayout
-from mpiep.backends.reference.reduce import gather_sum, rows_by_token
+from mpiep.backends.reference.reduce import rows_by_token
 from mpiep.config import CONTROL_BYTES, normal_row_bytes
 from mpiep.errors import CapacityError
 from mpiep.handles import DispatchHandle
@@ -36,8 +37,11 @@ def on_cpu(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
+Counts = torch.Tensor | np.ndarray | None
+
+
 def start_counts(
-    backend: ReferenceBackend, phase: str, *parts: tuple[int, torch.Tensor | None]
+    backend: ReferenceBackend, phase: str, *parts: tuple[int, Counts]
 ) -> tuple[Exchange, np.ndarray]:
     """Start an allgather of fixed-width int64 vectors: ``parts`` are (width, values or
     None for -1s). The [R, total width] result is valid once the exchange is waited for;
@@ -46,8 +50,10 @@ def start_counts(
     mine = np.full(width, -1, dtype=np.int64)
     at = 0
     for w, values in parts:
+        if isinstance(values, torch.Tensor):
+            values = on_cpu(values).to(torch.int64).numpy()
         if values is not None:
-            mine[at : at + w] = on_cpu(values).to(torch.int64).numpy()
+            mine[at : at + w] = values
         at += w
     everyone = np.empty((backend.comm.size, width), dtype=np.int64)
     exchange = backend.exchange(phase)
@@ -55,9 +61,7 @@ def start_counts(
     return exchange, everyone
 
 
-def gather_counts(
-    backend: ReferenceBackend, phase: str, *parts: tuple[int, torch.Tensor | None]
-) -> np.ndarray:
+def gather_counts(backend: ReferenceBackend, phase: str, *parts: tuple[int, Counts]) -> np.ndarray:
     """:func:`start_counts` and wait."""
     exchange, everyone = start_counts(backend, phase, *parts)
     backend.wait(exchange)

@@ -8,6 +8,10 @@ sharing cores, small blocks win clearly: 32 rows of 7168 per block took half the
 of 512. The summation order is fixed: the first slot's row, then slots ``j = 1, 2, ...`` in
 turn (source ranks in rank order for normal combine, top-k slots in order for low-latency
 combine); starting from that row rather than from 0.0 can only change the sign of a zero.
+A weighted term is ``acc.addcmul_(row, w)``, one fused multiply-add on AVX2/AVX-512 CPUs.
+
+This is the definition; where the op layer is built, fused.py runs the same sums in one
+pass per token (src/ops/reference_cpu_ops.cpp) with the same bits.
 """
 
 from __future__ import annotations
@@ -106,24 +110,3 @@ def _block_sum(
         torch.mul(parts[0], ws[0], out=acc)
         for j in range(1, len(parts)):
             acc.addcmul_(parts[j], ws[j])
-
-
-def slot_sum(
-    rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, tokens_per_block: int = 8
-) -> None:
-    """``out[t] = bf16(sum_k weights[t, k] * rows[t, k])`` in float32, slot after slot, for
-    ``rows`` ``[T, K, H]`` BF16 already in (token, slot) order (no gather needed)."""
-    num_tokens, num_topk, hidden = rows.shape
-    if num_tokens == 0:
-        return
-    if num_topk == 0:
-        out.zero_()
-        return
-    acc = torch.empty(min(tokens_per_block, num_tokens), hidden, dtype=torch.float32)
-    for start in range(0, num_tokens, tokens_per_block):
-        end = min(start + tokens_per_block, num_tokens)
-        a, block, w = acc[: end - start], rows[start:end], weights[start:end].unsqueeze(2)
-        torch.mul(block[:, 0], w[:, 0], out=a)
-        for j in range(1, num_topk):
-            a.addcmul_(block[:, j], w[:, j])
-        out[start:end].copy_(a)
