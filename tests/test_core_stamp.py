@@ -9,6 +9,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from conftest import run_once
+
+# One process is enough (no MPI here), and four ranks running it at once on two cores made
+# it the slowest test of the multi-rank run (40 s: each step starts Python and torch).
+pytestmark = run_once
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "core_stamp.py"
 
 

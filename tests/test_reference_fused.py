@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import oracle
-from conftest import bf16_bits, bf16_tensor, fp8_bytes
+from conftest import bf16_bits, bf16_tensor, fp8_bytes, run_once
 
-pytestmark = pytest.mark.timeout(300)
+# Single-process (no MPI): once from plain pytest, not again on every rank of the MPI run.
+pytestmark = [pytest.mark.timeout(300), run_once]
 
 HIDDEN = [128, 256, 7168, 72]  # 72: not a multiple of the 8 or 16 channels of a vector
 FP8_HIDDEN = [128, 256, 640, 7168]  # 640: five blocks, so the last UE8M0 word is partial
