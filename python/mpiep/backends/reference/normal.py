@@ -3,8 +3,9 @@
 Dispatch sends each token once to every rank that owns one of its experts, rows grouped
 by destination rank in token order, so that receivers see rows by source rank, then
 source token (the contract's order) without sorting. Two collectives run together: the
-rows themselves, received straight into ``recv_x`` (no unpacking copy), and one packed
-matrix of the small per-row fields (FP8 scales, source token id, top-k ids and weights).
+rows themselves, read by MPI out of ``x`` in runs of consecutive tokens and received
+straight into ``recv_x`` (no packing or unpacking copy), and one packed matrix of the small
+per-row fields (FP8 scales, source token id, top-k ids and weights).
 
 Every count travels in one allgather first, so every rank sees every rank's send and
 receive counts and all raise the same error (capacity, mismatched handles) before any
@@ -17,9 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from mpiep.backends.base import DispatchResult, Layout
-from mpiep.backends.reference.exchange import Exchange
+from mpiep.backends.reference import datatypes as dt
+from mpiep.backends.reference.exchange import Exchange, as_numpy
 from mpiep.backends.reference.fused import gather_sum
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.packing import RowLayout
@@ -82,6 +85,49 @@ def _check_capacity(backend: ReferenceBackend, matrix: np.ndarray, row_bytes: in
         )
 
 
+def token_runs(
+    dest: np.ndarray, token: np.ndarray, num_ranks: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per destination rank, the runs of consecutive token ids it gets: (lengths, first
+    tokens). ``dest`` ascending, ``token`` ascending within each destination."""
+    n = token.size
+    new = np.ones(n, dtype=bool)
+    new[1:] = (np.diff(token) != 1) | (np.diff(dest) != 0)
+    starts = np.flatnonzero(new)
+    lengths = np.diff(np.append(starts, n))
+    where = dest[starts]
+    return [(lengths[where == d], token[starts][where == d]) for d in range(num_ranks)]
+
+
+def row_types(
+    x: torch.Tensor,
+    runs: list[tuple[np.ndarray, np.ndarray]],
+    recv_x: torch.Tensor,
+    recv_per_src: list[int],
+    rank: int,
+) -> tuple[list[MPI.Datatype], list[MPI.Datatype]]:
+    """Ialltoallw datatypes: runs of rows of ``x`` to each peer, each source's rows into
+    its block of ``recv_x``; none to or from this rank. Runs average ~10 rows at top-8 of
+    256, and MPI packs them as it sends: on 4 ranks x 2 cores the dispatch took 7-15% less
+    time than with a gather into a send buffer first (interleaved A/B, 6 of 8 runs; the
+    exchange alone 25%), where single picked rows had been 2.4x slower."""
+    row = dt.row_type(x.shape[1] * x.element_size())
+    x_np = as_numpy(x)
+    rows = as_numpy(recv_x).reshape(recv_x.shape[0], -1) if recv_x.numel() else as_numpy(recv_x)
+    sends, recvs = [], []
+    at = 0
+    for peer, (lengths, firsts) in enumerate(runs):
+        if peer == rank:
+            sends.append(dt.peer_type([]))
+            recvs.append(dt.peer_type([]))
+        else:
+            sends.append(dt.peer_type([(x_np, dt.row_runs(row, lengths, firsts))]))
+            recvs.append(dt.peer_type([dt.contiguous(rows, at, recv_per_src[peer], row)]))
+        at += recv_per_src[peer]
+    row.Free()
+    return sends, recvs
+
+
 def check_handles(matrix: np.ndarray, expected: np.ndarray, what: str) -> None:
     """``expected[d, s]``: rows rank d's handle expects from rank s; ``matrix[s, d]``: rows
     s sends to d. A mismatch means handles of different dispatches."""
@@ -124,14 +170,14 @@ def dispatch(
         (num_ranks, handle.num_recv_per_src if cached else None),
         (num_experts, None if cached else layout.num_tokens_per_expert),
     )
-    # While the counts travel: gather the rows for other ranks into the send buffer (this
-    # rank's own rows go straight into recv_x below and skip MPI).
+    # While the counts travel: the runs of consecutive tokens each rank gets, which MPI
+    # reads straight out of x (this rank's own rows go into recv_x below and skip MPI).
     xc = on_cpu(x)
-    send_x = host_empty((token.numel(), hidden), x.dtype)
+    if xc.numel() == 0 or not xc.is_contiguous():  # MPI reads x through its address
+        xc = xc.clone(memory_format=torch.contiguous_format)
     first = int(send_counts[:rank].sum())
     last = first + int(send_counts[rank])
-    torch.index_select(xc, 0, token[:first], out=send_x[:first])
-    torch.index_select(xc, 0, token[last:], out=send_x[last:])
+    runs = token_runs(dest.numpy(), token.numpy(), num_ranks)
     backend.wait(counting)
 
     matrix = everyone[:, :num_ranks]  # [s, d]: rows s sends to d
@@ -180,14 +226,8 @@ def dispatch(
     recv_meta = torch.empty(num_recv, meta.row_bytes, dtype=torch.uint8)
 
     exchange = backend.exchange("dispatch: data")
-    exchange.start_alltoallv(
-        send_x,
-        send_counts.tolist(),
-        recv_x[:num_recv],
-        recv_per_src,
-        hidden * x.element_size(),
-        skip_self=True,
-    )
+    sends, recvs = row_types(xc, runs, recv_x, recv_per_src.tolist(), rank)
+    exchange.start_alltoallw(sends, recvs, xc, recv_x)
     if meta.row_bytes:
         exchange.start_alltoallv(
             send_meta, send_counts.tolist(), recv_meta, recv_per_src, meta.row_bytes
