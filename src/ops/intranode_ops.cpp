@@ -82,8 +82,8 @@ void check_fit(const std::vector<int64_t>& rows_per_rank, int64_t row_bytes, int
 DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTensor& x_scales,
                                const OptTensor& topk_idx, const OptTensor& topk_weights,
                                const Routing& routing, int64_t num_experts,
-                               int64_t expert_alignment, int64_t num_worst_tokens,
-                               int64_t num_sms, int64_t hop) {
+                               int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
+                               int64_t hop) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks(), me = rt.rank();
   check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, 1, rt.device());
@@ -170,14 +170,11 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   return out;
 }
 
-std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::Tensor& x,
-                                                    const OptTensor& topk_weights,
-                                                    const at::Tensor& recv_src_idx,
-                                                    const std::vector<at::Tensor>& state,
-                                                    const std::vector<int>& host_counts,
-                                                    const OptTensor& bias0, const OptTensor& bias1,
-                                                    int64_t num_tokens, int64_t num_sms,
-                                                    int64_t hop) {
+std::tuple<at::Tensor, OptTensor> intranode_combine(
+    int64_t runtime, const at::Tensor& x, const OptTensor& topk_weights,
+    const at::Tensor& recv_src_idx, const std::vector<at::Tensor>& state,
+    const std::vector<int>& host_counts, const OptTensor& bias0, const OptTensor& bias1,
+    int64_t num_tokens, int64_t num_sms, int64_t hop) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks();
   const int64_t H = check_combine_inputs(x, topk_weights, bias0, bias1, num_tokens, rt.device());

@@ -72,11 +72,11 @@ void launch_dispatch(LowLatencyContext& ctx, const at::Tensor& x, const at::Tens
     const int64_t x_at = data.add(EL * rows * row_bytes);
     const int64_t s_at = use_fp8 ? data.add(EL * rows * scale_cols * 4) : 0;
     const at::Tensor data_bytes = empty({data.total}, at::kByte, dev);
-    out.recv_x = typed_slice(data_bytes, x_at, {EL, rows, H},
-                             use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
+    out.recv_x =
+        typed_slice(data_bytes, x_at, {EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
     if (use_fp8) {
-      out.recv_scales = typed_slice(data_bytes, s_at, {EL, rows, scale_cols},
-                                    use_ue8m0 ? at::kInt : at::kFloat);
+      out.recv_scales =
+          typed_slice(data_bytes, s_at, {EL, rows, scale_cols}, use_ue8m0 ? at::kInt : at::kFloat);
     }
     ByteLayout meta;
     const int64_t count_at = meta.add(EL * 4), src_at = meta.add(EL * rows * 4),

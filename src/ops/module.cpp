@@ -8,10 +8,10 @@
 #include <torch/extension.h>
 
 #include "mpiep/errors.h"
-#include "runtime/stream_hop.h"
 #include "ops/low_latency_ops.h"
 #include "ops/normal_ops.h"
 #include "ops/reference_cpu_ops.h"
+#include "runtime/stream_hop.h"
 
 namespace py = pybind11;
 using namespace mpiep::ops;
@@ -93,8 +93,8 @@ PYBIND11_MODULE(_ops, m) {
         [](int64_t address) { delete reinterpret_cast<mpiep::StreamHop*>(address); });
   m.def(
       "layout",
-      [](const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-         int64_t ranks_per_node, int64_t hop) {
+      [](const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t ranks_per_node,
+         int64_t hop) {
         py::gil_scoped_release nogil;
         return layout(topk_idx, num_experts, num_ranks, ranks_per_node, hop);
       },

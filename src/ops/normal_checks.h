@@ -13,8 +13,8 @@ namespace mpiep {
 namespace ops {
 
 inline void need(const OptTensor& t, const char* name) {
-  if (!t) bad_arg(std::string("dispatch without a handle needs ") + name +
-                  " (from get_dispatch_layout)");
+  if (!t)
+    bad_arg(std::string("dispatch without a handle needs ") + name + " (from get_dispatch_layout)");
 }
 
 // x (BF16, or FP8 with its scales), then the layout and top-k of a new dispatch.

@@ -46,14 +46,11 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                                const Routing& routing, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
                                int64_t hop);
-std::tuple<at::Tensor, OptTensor> intranode_combine(int64_t runtime, const at::Tensor& x,
-                                                    const OptTensor& topk_weights,
-                                                    const at::Tensor& recv_src_idx,
-                                                    const std::vector<at::Tensor>& state,
-                                                    const std::vector<int>& host_counts,
-                                                    const OptTensor& bias0, const OptTensor& bias1,
-                                                    int64_t num_tokens, int64_t num_sms,
-                                                    int64_t hop);
+std::tuple<at::Tensor, OptTensor> intranode_combine(
+    int64_t runtime, const at::Tensor& x, const OptTensor& topk_weights,
+    const at::Tensor& recv_src_idx, const std::vector<at::Tensor>& state,
+    const std::vector<int>& host_counts, const OptTensor& bias0, const OptTensor& bias1,
+    int64_t num_tokens, int64_t num_sms, int64_t hop);
 
 DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTensor& x_scales,
                                const OptTensor& topk_idx, const OptTensor& topk_weights,

@@ -27,17 +27,16 @@ namespace ops {
 inline void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
                   int device = -1) {
   if (t.scalar_type() != dtype)
-    throw Error(ErrorCode::kType, std::string(name) + " must have dtype " +
-                                      c10::toString(dtype) + ", got " +
-                                      c10::toString(t.scalar_type()));
+    throw Error(ErrorCode::kType, std::string(name) + " must have dtype " + c10::toString(dtype) +
+                                      ", got " + c10::toString(t.scalar_type()));
   if (t.dim() != dim)
     bad_arg(std::string(name) + " must have " + std::to_string(dim) + " dimensions, got " +
             std::to_string(t.dim()));
   if (!t.is_contiguous()) bad_arg(std::string(name) + " must be contiguous (call .contiguous())");
   if (!t.is_cuda()) bad_arg(std::string(name) + " must be a CUDA tensor, got " + t.device().str());
   if (device >= 0 && t.get_device() != device)
-    bad_arg(std::string(name) + " is on " + t.device().str() + ", but this Buffer works on cuda:" +
-            std::to_string(device));
+    bad_arg(std::string(name) + " is on " + t.device().str() +
+            ", but this Buffer works on cuda:" + std::to_string(device));
 }
 
 inline void check_size(const at::Tensor& t, const char* name, int64_t axis, int64_t want) {
@@ -134,8 +133,8 @@ inline at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype, const at::D
 inline at::Tensor typed_slice(const at::Tensor& base, int64_t byte_offset, at::IntArrayRef shape,
                               at::ScalarType dtype) {
   const auto meta = caffe2::TypeMeta::fromScalarType(dtype);
-  auto t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
-                                                    meta);
+  auto t =
+      at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(), meta);
   t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
   t.unsafeGetTensorImpl()->set_storage_offset(byte_offset / static_cast<int64_t>(meta.itemsize()));
   return t;
