@@ -60,20 +60,28 @@ def dispatch_lean(
 ) -> None:
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(data).__name__}")
+    _dispatch_ints(expert_alignment, num_worst_tokens)
+    if handle is not None:
+        _cached_dispatch_handle(buf, handle, data, num_worst_tokens)
+        return
+    _require_layout(layout)
+
+
+_LAYOUT_NAMES = ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx")
+
+
+def _require_layout(layout: tuple[Any, ...]) -> None:
+    """A dispatch without a handle needs the layout tensors (in ``_LAYOUT_NAMES`` order)."""
+    for name, t in zip(_LAYOUT_NAMES, layout, strict=True):
+        if t is None:
+            raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
+
+
+def _dispatch_ints(expert_alignment: int, num_worst_tokens: int) -> None:
     if not isinstance(expert_alignment, int) or expert_alignment <= 0:
         raise ValueError(f"expert_alignment must be a positive int, got {expert_alignment!r}")
     if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
         raise ValueError(f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}")
-    if handle is not None:
-        _cached_dispatch_handle(buf, handle, data, num_worst_tokens)
-        return
-    for name, t in zip(
-        ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"),
-        layout,
-        strict=True,
-    ):
-        if t is None:
-            raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
 
 
 def _cached_dispatch_handle(
@@ -143,10 +151,7 @@ def dispatch(
         if hidden % 128:
             raise ValueError(f"FP8 x needs a hidden size that is a multiple of 128, got {hidden}")
         val.check_tensor("x scales", scales, torch.float32, 2, device, (tokens, hidden // 128))
-    if not isinstance(expert_alignment, int) or expert_alignment <= 0:
-        raise ValueError(f"expert_alignment must be a positive int, got {expert_alignment!r}")
-    if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
-        raise ValueError(f"num_worst_tokens must be a non-negative int, got {num_worst_tokens!r}")
+    _dispatch_ints(expert_alignment, num_worst_tokens)
     num_topk = None
     handle_id = None
     if handle is not None:  # cached mode: the handle stands for the layout
@@ -154,16 +159,7 @@ def dispatch(
         handle_id = f"dispatch #{handle.generation}"
         num_experts = handle.num_experts
     else:
-        for name, t in (
-            ("num_tokens_per_rank", num_tokens_per_rank),
-            ("is_token_in_rank", is_token_in_rank),
-            ("num_tokens_per_expert", num_tokens_per_expert),
-            ("topk_idx", topk_idx),
-        ):
-            if t is None:
-                raise ValueError(
-                    f"dispatch without a handle needs {name} (from get_dispatch_layout)"
-                )
+        _require_layout((num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx))
         val.check_tensor("topk_idx", topk_idx, torch.int64, 2, device, (tokens, None))
         num_topk = topk_idx.shape[1]
         if topk_weights is not None:
