@@ -194,7 +194,6 @@ class LowLatencyEngine:
             src_token_idx=src_idx,
             layout_range=layout,
             num_tokens=int(x.shape[0]),
-            backend_state={"recv_count": recv_count, "dispatch_buffer": buffer},
             ticket=ticket,
         )
         hook: Callable[[], None] | None = None
