@@ -62,15 +62,13 @@ def check_dispatched_topk(handle: LowLatencyHandle, topk_idx: torch.Tensor) -> N
     """``topk_idx`` must be the one dispatched with ``handle``: its shape always; its values
     when it is another tensor (or changed in place) and the Buffer kept a copy (validation)."""
     ref = handle.topk_idx
-    if ref is None:
-        return
+    if ref is None or (topk_idx is ref and topk_idx._version == handle.topk_version):
+        return  # the decode loop's case, first: the very tensor, unchanged
     if tuple(topk_idx.shape) != tuple(ref.shape):
         raise ValueError(
             f"topk_idx has shape {tuple(topk_idx.shape)} but the handle's low_latency_dispatch "
             f"had {tuple(ref.shape)}: pass the topk_idx that was dispatched with this handle"
         )
-    if topk_idx is ref and topk_idx._version == handle.topk_version:
-        return
     copy = handle.topk_copy
     if copy is not None and not torch.equal(topk_idx, copy.to(topk_idx.device)):
         bad = (topk_idx != copy.to(topk_idx.device)).nonzero()[0].tolist()

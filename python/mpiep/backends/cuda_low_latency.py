@@ -187,13 +187,14 @@ class LowLatencyEngine:
             self._send if with_hook else self._send_recv,
         )  # fmt: skip
         ticket = hooks.issue("dispatch", with_hook)
+        T, H = x.shape
         handle = LowLatencyHandle(
             num_max_dispatch_tokens_per_rank=M,
-            hidden=int(x.shape[1]),
+            hidden=H,
             num_experts=E,
             src_token_idx=src_idx,
             layout_range=layout,
-            num_tokens=int(x.shape[0]),
+            num_tokens=T,
             ticket=ticket,
         )
         hook: Callable[[], None] | None = None

@@ -217,7 +217,8 @@ class Buffer:
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         # One set of receive-hook rules: the backend's own when it keeps them (GPU engine).
         tracker = getattr(self.backend, "hook_tracker", None)
-        self._hooks = tracker if isinstance(tracker, HookTracker) else HookTracker()
+        self._hooks_in_backend = isinstance(tracker, HookTracker)
+        self._hooks = tracker if self._hooks_in_backend else HookTracker()
         self._shrink: Shrink | None = None
         if enable_shrink:
             self._shrink = Shrink(

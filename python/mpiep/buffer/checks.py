@@ -299,8 +299,10 @@ def low_latency_dispatch(buf: Buffer, req: LowLatencyDispatchRequest) -> Signatu
 
 def low_latency_dispatch_lean(buf: Buffer, req: LowLatencyDispatchRequest) -> None:
     """Without validation on a backend whose op checks its tensors (``native_checks``): only
-    what the native op cannot see. The decode hot path: no tensor property is read here."""
-    buf._hooks.check_free("dispatch")
+    what the native op cannot see. The decode hot path: no tensor property is read here, and
+    a backend that keeps the receive-hook rules itself refuses a taken slot before launching."""
+    if not buf._hooks_in_backend:
+        buf._hooks.check_free("dispatch")
 
 
 def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_logfmt: bool) -> None:
@@ -313,7 +315,8 @@ def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_log
     if not isinstance(topk_idx, torch.Tensor):
         raise TypeError(f"topk_idx must be a torch.Tensor, got {type(topk_idx).__name__}")
     hc.check_dispatched_topk(handle, topk_idx)
-    buf._hooks.check_free("combine")
+    if not buf._hooks_in_backend:
+        buf._hooks.check_free("combine")
 
 
 def low_latency_combine(buf: Buffer, req: LowLatencyCombineRequest, use_logfmt: bool) -> Signature:

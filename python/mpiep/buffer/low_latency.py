@@ -74,12 +74,12 @@ class LowLatencyCalls:
         epoch = 0 if shrink is None else shrink.mask.epoch
         if epoch != self.epoch:  # ranks masked out meanwhile missed calls: count afresh
             self.epoch, self.dispatches = epoch, 0
-        self.dispatches += 1
-        generation = self.dispatches
+        generation = self.dispatches + 1  # counted once sent: a refused call is no call
         if shrink is None:
             result = self.backend.low_latency_dispatch(req)
         else:
             result = shrink.dispatch(self.backend, req)
+        self.dispatches = generation
         handle = result.handle
         handle.owner, handle.generation, handle.num_ranks = (
             self.buffer_id,
