@@ -86,25 +86,46 @@ std::vector<at::Tensor> layout_op(const at::Tensor& topk_idx, int64_t num_expert
 }
 
 // ------------------------------------------------------------------ low latency
-// [recv_x, recv_count, src_token_idx, layout_range], then recv_scales with FP8.
-std::vector<at::Tensor> ll_dispatch_op(at::Tensor& sequence, int64_t ctx, int64_t num_ranks,
-                                       const at::Tensor& x, const at::Tensor& topk_idx,
-                                       int64_t max_tokens, int64_t num_experts, bool use_fp8,
-                                       bool round_scale, bool use_ue8m0, const OptTensor& stats,
-                                       int64_t buffer, int64_t phases) {
+// Mutable ops must return a fixed tuple of tensors to be functionalized by torch.compile
+// (auto_functionalize.can_auto_functionalize: no Tensor[] or Tensor? returns), so the BF16
+// and FP8 dispatches are two schemas.
+mpiep::ops::LowLatencyDispatchOut ll_dispatch_checked(
+    int64_t ctx, int64_t num_ranks, const at::Tensor& x, const at::Tensor& topk_idx,
+    int64_t max_tokens, int64_t num_experts, bool use_fp8, bool round_scale, bool use_ue8m0,
+    const OptTensor& stats, int64_t buffer, int64_t phases) {
+  // The fake implementation computed the shapes from num_ranks: it must be the context's.
+  const int64_t ranks = mpiep::ops::ll_num_ranks(ctx);
+  if (num_ranks != ranks)
+    throw mpiep::Error(mpiep::ErrorCode::kInvalidArgument,
+                       "mpiep::ll_dispatch: num_ranks=" + std::to_string(num_ranks) +
+                           ", but the low-latency context has " + std::to_string(ranks));
+  return mpiep::ops::ll_dispatch(ctx, x, topk_idx, max_tokens, num_experts, use_fp8, round_scale,
+                                 use_ue8m0, stats, buffer, phases);
+}
+
+// (recv_x bf16, recv_count, src_token_idx, layout_range)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ll_dispatch_op(
+    at::Tensor& sequence, int64_t ctx, int64_t num_ranks, const at::Tensor& x,
+    const at::Tensor& topk_idx, int64_t max_tokens, int64_t num_experts, const OptTensor& stats,
+    int64_t buffer, int64_t phases) {
   (void)sequence;
   return translate([&] {
-    // The fake implementation computed the shapes from num_ranks: it must be the context's.
-    const int64_t ranks = mpiep::ops::ll_num_ranks(ctx);
-    if (num_ranks != ranks)
-      throw mpiep::Error(mpiep::ErrorCode::kInvalidArgument,
-                         "mpiep::ll_dispatch: num_ranks=" + std::to_string(num_ranks) +
-                             ", but the low-latency context has " + std::to_string(ranks));
-    auto o = mpiep::ops::ll_dispatch(ctx, x, topk_idx, max_tokens, num_experts, use_fp8,
-                                     round_scale, use_ue8m0, stats, buffer, phases);
-    std::vector<at::Tensor> out{o.recv_x, o.recv_count, o.src_token_idx, o.layout_range};
-    if (o.recv_scales) out.push_back(*o.recv_scales);
-    return out;
+    auto o = ll_dispatch_checked(ctx, num_ranks, x, topk_idx, max_tokens, num_experts, false, false,
+                                 false, stats, buffer, phases);
+    return std::make_tuple(o.recv_x, o.recv_count, o.src_token_idx, o.layout_range);
+  });
+}
+
+// (recv_x e4m3, recv_scales, recv_count, src_token_idx, layout_range)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ll_dispatch_fp8_op(
+    at::Tensor& sequence, int64_t ctx, int64_t num_ranks, const at::Tensor& x,
+    const at::Tensor& topk_idx, int64_t max_tokens, int64_t num_experts, bool round_scale,
+    bool use_ue8m0, const OptTensor& stats, int64_t buffer, int64_t phases) {
+  (void)sequence;
+  return translate([&] {
+    auto o = ll_dispatch_checked(ctx, num_ranks, x, topk_idx, max_tokens, num_experts, true,
+                                 round_scale, use_ue8m0, stats, buffer, phases);
+    return std::make_tuple(o.recv_x, *o.recv_scales, o.recv_count, o.src_token_idx, o.layout_range);
   });
 }
 
@@ -151,38 +172,39 @@ void ll_combine_out_op(at::Tensor& sequence, int64_t ctx, const at::Tensor& y,
 }
 
 // ------------------------------------------------------------------ normal combine
-// [out], then the summed weights when topk_weights is given.
-std::vector<at::Tensor> combine_list(const std::tuple<at::Tensor, OptTensor>& r) {
-  std::vector<at::Tensor> out{std::get<0>(r)};
-  if (std::get<1>(r)) out.push_back(*std::get<1>(r));
-  return out;
+// (out, summed weights): without topk_weights the second is an empty [num_tokens, 0] float32
+// tensor (a fixed tuple, for the same reason as the dispatch above).
+std::tuple<at::Tensor, at::Tensor> combine_pair(const std::tuple<at::Tensor, OptTensor>& r,
+                                                const at::Tensor& x) {
+  const at::Tensor& out = std::get<0>(r);
+  if (std::get<1>(r)) return {out, *std::get<1>(r)};
+  return {out, at::empty({out.size(0), 0}, x.options().dtype(at::kFloat))};
 }
 
-std::vector<at::Tensor> intranode_combine_op(at::Tensor& sequence, int64_t runtime,
-                                             const at::Tensor& x, const OptTensor& topk_weights,
-                                             const at::Tensor& recv_src_idx, at::TensorList state,
-                                             at::IntArrayRef host_counts, const OptTensor& bias0,
-                                             const OptTensor& bias1, int64_t num_tokens,
-                                             int64_t num_sms, int64_t hop) {
+std::tuple<at::Tensor, at::Tensor> intranode_combine_op(
+    at::Tensor& sequence, int64_t runtime, const at::Tensor& x, const OptTensor& topk_weights,
+    const at::Tensor& recv_src_idx, at::TensorList state, at::IntArrayRef host_counts,
+    const OptTensor& bias0, const OptTensor& bias1, int64_t num_tokens, int64_t num_sms,
+    int64_t hop) {
   (void)sequence;
   return translate([&] {
-    return combine_list(mpiep::ops::intranode_combine(runtime, x, topk_weights, recv_src_idx,
-                                                      list(state), ints(host_counts), bias0, bias1,
-                                                      num_tokens, num_sms, hop));
+    return combine_pair(
+        mpiep::ops::intranode_combine(runtime, x, topk_weights, recv_src_idx, list(state),
+                                      ints(host_counts), bias0, bias1, num_tokens, num_sms, hop),
+        x);
   });
 }
 
-std::vector<at::Tensor> internode_combine_op(at::Tensor& sequence, int64_t runtime,
-                                             const at::Tensor& x, const OptTensor& topk_weights,
-                                             at::TensorList state, at::IntArrayRef host_counts,
-                                             const OptTensor& bias0, const OptTensor& bias1,
-                                             int64_t num_tokens, int64_t num_sms, int64_t chunk,
-                                             int64_t hop) {
+std::tuple<at::Tensor, at::Tensor> internode_combine_op(
+    at::Tensor& sequence, int64_t runtime, const at::Tensor& x, const OptTensor& topk_weights,
+    at::TensorList state, at::IntArrayRef host_counts, const OptTensor& bias0,
+    const OptTensor& bias1, int64_t num_tokens, int64_t num_sms, int64_t chunk, int64_t hop) {
   (void)sequence;
   return translate([&] {
-    return combine_list(mpiep::ops::internode_combine(runtime, x, topk_weights, list(state),
-                                                      ints(host_counts), bias0, bias1, num_tokens,
-                                                      num_sms, chunk, hop));
+    return combine_pair(
+        mpiep::ops::internode_combine(runtime, x, topk_weights, list(state), ints(host_counts),
+                                      bias0, bias1, num_tokens, num_sms, chunk, hop),
+        x);
   });
 }
 
@@ -206,8 +228,12 @@ TORCH_LIBRARY(mpiep, m) {
       "-> Tensor[]");
   m.def(
       "ll_dispatch(Tensor(a!) sequence, int ctx, int num_ranks, Tensor x, Tensor topk_idx, "
-      "int max_tokens, int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, "
-      "Tensor(b!)? stats, int buffer, int phases) -> Tensor[]");
+      "int max_tokens, int num_experts, Tensor(b!)? stats, int buffer, int phases) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ll_dispatch_fp8(Tensor(a!) sequence, int ctx, int num_ranks, Tensor x, Tensor topk_idx, "
+      "int max_tokens, int num_experts, bool round_scale, bool use_ue8m0, Tensor(b!)? stats, "
+      "int buffer, int phases) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ll_dispatch_receive(Tensor(a!) sequence, int ctx, Tensor x, Tensor topk_idx, "
       "Tensor(b!) recv_x, Tensor(c!)? recv_scales, Tensor(d!) recv_count, "
@@ -225,11 +251,11 @@ TORCH_LIBRARY(mpiep, m) {
   m.def(
       "intranode_combine(Tensor(a!) sequence, int runtime, Tensor x, Tensor? topk_weights, "
       "Tensor recv_src_idx, Tensor[] state, int[] host_counts, Tensor? bias0, Tensor? bias1, "
-      "int num_tokens, int num_sms, int hop) -> Tensor[]");
+      "int num_tokens, int num_sms, int hop) -> (Tensor, Tensor)");
   m.def(
       "internode_combine(Tensor(a!) sequence, int runtime, Tensor x, Tensor? topk_weights, "
       "Tensor[] state, int[] host_counts, Tensor? bias0, Tensor? bias1, int num_tokens, "
-      "int num_sms, int chunk, int hop) -> Tensor[]");
+      "int num_sms, int chunk, int hop) -> (Tensor, Tensor)");
   m.def(
       "reference_gather_sum(Tensor rows, Tensor idx, Tensor(a!) out, Tensor? weights, "
       "Tensor[] bias) -> ()");
@@ -239,6 +265,7 @@ TORCH_LIBRARY(mpiep, m) {
 TORCH_LIBRARY_IMPL(mpiep, CUDA, m) {
   m.impl("layout", &layout_op);
   m.impl("ll_dispatch", &ll_dispatch_op);
+  m.impl("ll_dispatch_fp8", &ll_dispatch_fp8_op);
   m.impl("ll_dispatch_receive", &ll_dispatch_receive_op);
   m.impl("ll_combine", &ll_combine_op);
   m.impl("ll_combine_out", &ll_combine_out_op);
