@@ -296,3 +296,92 @@ def test_pick_is_pybind_in_eager_and_custom_ops_under_compile(ops) -> None:
         ((5, 4), torch.bool),
     ]
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def meta_engine(ops, monkeypatch: pytest.MonkeyPatch):
+    """The real LowLatencyEngine methods over a shell without a GPU: its low-latency context
+    replaced by a constant rank count and its sequence tensor by a meta one. Only compiled
+    calls may run on it: they run the ops' Meta kernels on meta tensors, replaced here by
+    recorders of the (op, buffer) each call really receives (tracing uses the fake
+    implementations, so only executed calls are recorded). An eager call would hand the
+    pybind entry a context address that is not one."""
+    from mpiep.backends import torch_ops
+    from mpiep.backends.cuda_low_latency import LowLatencyEngine
+
+    seq = _meta(1, dtype=torch.int64)
+
+    @torch._dynamo.assume_constant_result
+    def two_ranks(ctx: int) -> int:
+        return 2
+
+    monkeypatch.setattr(torch_ops, "_ll_num_ranks", two_ranks)
+    monkeypatch.setattr(torch_ops, "_sequence_of", lambda t: seq)
+    calls: list[tuple[str, int]] = []
+    lib = torch.library.Library("mpiep", "IMPL")
+    for name, fake in [
+        ("ll_dispatch", torch_ops._ll_dispatch_fake),
+        ("ll_dispatch_fp8", torch_ops._ll_dispatch_fp8_fake),
+        ("ll_combine", torch_ops._ll_combine_fake),
+    ]:
+
+        def record(*args, name=name, fake=fake):  # type: ignore[no-untyped-def]
+            calls.append((name, args[-2]))  # (..., buffer, phases)
+            return fake(*args)
+
+        lib.impl(name, record, "Meta")
+    eng = object.__new__(LowLatencyEngine)
+    eng._ops, eng._address, eng._send, eng._recv = ops, 0x1000, 1, 2
+    eng._dispatch_buffer = eng._combine_buffer = eng._generation = 0
+    eng._dispatch_pending, eng._combine_pending = [False, False], [False, False]
+    torch._dynamo.reset()
+    yield eng, calls
+    torch._dynamo.reset()
+    lib._destroy()
+
+
+def test_engine_decode_step_is_one_graph(meta_engine) -> None:
+    """LowLatencyEngine's dispatch -> expert math -> combine compiles (aot_eager) into one
+    graph per variant with fullgraph=True (no graph break at the op layer), every executed
+    call reaches the custom op once with the buffer index the engine alternates as in eager
+    mode (Dynamo guards on it), and the outputs have the shapes of DESIGN.md."""
+    eng, calls = meta_engine
+    graphs: list[list[str]] = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return aot_eager(gm, example_inputs)
+
+    def step(x, idx, w, f, fp8: bool):  # type: ignore[no-untyped-def]
+        d = eng.low_latency_dispatch(x, idx, 8, 16, fp8, False, False, None, False)
+        recv = d.recv_x.float()
+        if fp8:
+            recv = recv * d.recv_x_scales.repeat_interleave(128, dim=2)
+        y = (recv * f[:, None, None]).to(torch.bfloat16)
+        out, _ = eng.low_latency_combine(y, idx, w, d.handle, False, None, False)
+        return out, d.recv_count, d.handle.src_token_idx
+
+    x, idx = _meta(3, 256, dtype=torch.bfloat16), _meta(3, 4, dtype=torch.int64)
+    w, f = _meta(3, 4, dtype=torch.float32), _meta(8, dtype=torch.float32)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    variants = [False, False, False, True, True, True]
+    for fp8 in variants:
+        out, count, src = compiled(x, idx, w, f, fp8)
+        assert _sig([out, count, src]) == [
+            ((3, 256), torch.bfloat16),
+            ((8,), torch.int32),
+            ((8, 16), torch.int32),
+        ]
+    want = []
+    for i, fp8 in enumerate(variants):
+        want += [("ll_dispatch_fp8" if fp8 else "ll_dispatch", i % 2), ("ll_combine", i % 2)]
+    assert calls == want
+    assert eng._dispatch_buffer == eng._combine_buffer == 0
+    for graph in graphs:
+        ops = [t for t in graph if t.startswith("mpiep.")]
+        assert ops in (
+            ["mpiep.ll_dispatch", "mpiep.ll_combine"],
+            ["mpiep.ll_dispatch_fp8", "mpiep.ll_combine"],
+        )
+    assert {"mpiep.ll_dispatch_fp8", "mpiep.ll_dispatch"} <= {t for g in graphs for t in g}
