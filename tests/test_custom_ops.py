@@ -385,3 +385,35 @@ def test_engine_decode_step_is_one_graph(meta_engine) -> None:
             ["mpiep.ll_dispatch_fp8", "mpiep.ll_combine"],
         )
     assert {"mpiep.ll_dispatch_fp8", "mpiep.ll_dispatch"} <= {t for g in graphs for t in g}
+
+
+def test_compiled_adapters_keep_the_pybind_results(ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """native.pick's compiled entries return what the pybind entries return: the combine
+    into a given `out` returns that tensor (ll_combine_out), the normal combines give None
+    for the weights without topk_weights, and everything is one graph (aot_eager, meta
+    tensors)."""
+    from mpiep.backends import native, torch_ops
+
+    seq = _meta(1, dtype=torch.int64)
+    monkeypatch.setattr(torch_ops, "_sequence_of", lambda t: seq)
+    T, K, H, EL, rows = 5, 4, 256, 4, 32
+    y = _meta(EL, rows, H, dtype=torch.bfloat16)
+    idx, w = _meta(T, K, dtype=torch.int64), _meta(T, K, dtype=torch.float32)
+    src, lay = _meta(EL, rows, dtype=torch.int32), _meta(EL, 2, 2, dtype=torch.int32)
+    xr, src_r = _meta(rows, H, dtype=torch.bfloat16), _meta(rows, dtype=torch.int32)
+    wr = _meta(rows, K, dtype=torch.float32)
+
+    def step(out: torch.Tensor):  # type: ignore[no-untyped-def]
+        p = native.pick(ops)
+        a = p.ll_combine(1, y, idx, w, src, lay, out, H, 16, 8, False, 0, 3)
+        b = p.ll_combine(1, y, idx, w, src, lay, None, H, 16, 8, False, 1, 3)
+        c = p.intranode_combine(2, xr, None, src_r, [], [], None, None, T, 24, 0)
+        d = p.internode_combine(3, xr, wr, [], [4, 5], None, None, T, 24, 8, 0)
+        return a is out, a, b, c[0], c[1] is None, d[0], d[1]
+
+    torch._dynamo.reset()
+    out = _meta(T, H, dtype=torch.bfloat16)
+    same, a, b, c0, c1_none, d0, d1 = torch.compile(step, backend="aot_eager", fullgraph=True)(out)
+    assert same and c1_none
+    assert _sig([a, b, c0, d0, d1]) == [((T, H), torch.bfloat16)] * 4 + [((T, K), torch.float32)]
+    torch._dynamo.reset()
