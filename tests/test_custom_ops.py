@@ -308,6 +308,7 @@ def meta_engine(ops, monkeypatch: pytest.MonkeyPatch):
     pybind entry a context address that is not one."""
     from mpiep.backends import torch_ops
     from mpiep.backends.cuda_low_latency import LowLatencyEngine
+    from mpiep.hooks import HookTracker
 
     seq = _meta(1, dtype=torch.int64)
 
@@ -331,9 +332,8 @@ def meta_engine(ops, monkeypatch: pytest.MonkeyPatch):
 
         lib.impl(name, record, "Meta")
     eng = object.__new__(LowLatencyEngine)
-    eng._ops, eng._address, eng._send, eng._recv = ops, 0x1000, 1, 2
-    eng._dispatch_buffer = eng._combine_buffer = eng._generation = 0
-    eng._dispatch_pending, eng._combine_pending = [False, False], [False, False]
+    eng._ops, eng._address, eng._send, eng._recv, eng._send_recv = ops, 0x1000, 1, 2, 3
+    eng.hooks = HookTracker()
     torch._dynamo.reset()
     yield eng, calls
     torch._dynamo.reset()
@@ -345,6 +345,8 @@ def test_engine_decode_step_is_one_graph(meta_engine) -> None:
     graph per variant with fullgraph=True (no graph break at the op layer), every executed
     call reaches the custom op once with the buffer index the engine alternates as in eager
     mode (Dynamo guards on it), and the outputs have the shapes of DESIGN.md."""
+    from mpiep.backends.base import LowLatencyCombineRequest, LowLatencyDispatchRequest
+
     eng, calls = meta_engine
     graphs: list[list[str]] = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
@@ -354,12 +356,16 @@ def test_engine_decode_step_is_one_graph(meta_engine) -> None:
         return aot_eager(gm, example_inputs)
 
     def step(x, idx, w, f, fp8: bool):  # type: ignore[no-untyped-def]
-        d = eng.low_latency_dispatch(x, idx, 8, 16, fp8, False, False, None, False)
+        d = eng.low_latency_dispatch(
+            LowLatencyDispatchRequest(x, idx, 8, 16, fp8, False, False, None, False)
+        )
         recv = d.recv_x.float()
         if fp8:
             recv = recv * d.recv_x_scales.repeat_interleave(128, dim=2)
         y = (recv * f[:, None, None]).to(torch.bfloat16)
-        out, _ = eng.low_latency_combine(y, idx, w, d.handle, False, None, False)
+        out, _ = eng.low_latency_combine(
+            LowLatencyCombineRequest(y, idx, w, d.handle, False, None, False)
+        )
         return out, d.recv_count, d.handle.src_token_idx
 
     x, idx = _meta(3, 256, dtype=torch.bfloat16), _meta(3, 4, dtype=torch.int64)
@@ -377,7 +383,7 @@ def test_engine_decode_step_is_one_graph(meta_engine) -> None:
     for i, fp8 in enumerate(variants):
         want += [("ll_dispatch_fp8" if fp8 else "ll_dispatch", i % 2), ("ll_combine", i % 2)]
     assert calls == want
-    assert eng._dispatch_buffer == eng._combine_buffer == 0
+    assert eng.hooks.slot("dispatch") == eng.hooks.slot("combine") == 0
     for graph in graphs:
         ops = [t for t in graph if t.startswith("mpiep.")]
         assert ops in (

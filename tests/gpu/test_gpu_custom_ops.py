@@ -176,15 +176,21 @@ def engine():
 
 
 def _step_fn(engine, fp8: bool):  # type: ignore[no-untyped-def]
+    from mpiep.backends.base import LowLatencyCombineRequest, LowLatencyDispatchRequest
+
     E = num_experts()  # a constant of the step (Dynamo cannot trace mpi4py's Comm.size)
 
     def step(x, idx, w, f):  # type: ignore[no-untyped-def]
-        d = engine.low_latency_dispatch(x, idx, M, E, fp8, False, False, None, False)
+        d = engine.low_latency_dispatch(
+            LowLatencyDispatchRequest(x, idx, M, E, fp8, False, False, None, False)
+        )
         recv = d.recv_x.float()
         if fp8:
             recv = recv * d.recv_x_scales.repeat_interleave(128, dim=2)
         y = (recv * f[:, None, None]).to(torch.bfloat16)  # one scale per local expert
-        out, _ = engine.low_latency_combine(y, idx, w, d.handle, False, None, False)
+        out, _ = engine.low_latency_combine(
+            LowLatencyCombineRequest(y, idx, w, d.handle, False, None, False)
+        )
         return out, d.recv_count
 
     return step
