@@ -129,6 +129,11 @@ void ll_dispatch_receive(int64_t ctx_address, const at::Tensor& x, const at::Ten
                   use_ue8m0, stats, buffer, ll::kRecvPhase, out, false);
 }
 
+int64_t ll_num_ranks(int64_t ctx_address) {
+  if (ctx_address == 0) bad_arg("low-latency context is null (engine destroyed?)");
+  return reinterpret_cast<LowLatencyContext*>(ctx_address)->num_ranks();
+}
+
 at::Tensor ll_combine(int64_t ctx_address, const at::Tensor& y, const at::Tensor& topk_idx,
                       const at::Tensor& topk_weights, const at::Tensor& src_token_idx,
                       const at::Tensor& layout_range, const std::optional<at::Tensor>& out,

@@ -29,6 +29,10 @@ void ll_dispatch_receive(int64_t ctx_address, const at::Tensor& x, const at::Ten
                          int64_t num_experts, bool use_fp8, bool round_scale, bool use_ue8m0,
                          const std::optional<at::Tensor>& stats, int64_t buffer);
 
+// The rank count of a context (what the output shapes of ll_dispatch depend on), for the
+// custom op's schema check and fake implementation (src/ops/torch_library.cpp).
+int64_t ll_num_ranks(int64_t ctx_address);
+
 at::Tensor ll_combine(int64_t ctx_address, const at::Tensor& y, const at::Tensor& topk_idx,
                       const at::Tensor& topk_weights, const at::Tensor& src_token_idx,
                       const at::Tensor& layout_range, const std::optional<at::Tensor>& out,

@@ -119,6 +119,9 @@ PYBIND11_MODULE(_ops, m) {
       py::arg("num_experts"), py::arg("use_fp8"), py::arg("round_scale"), py::arg("use_ue8m0"),
       py::arg("stats"), py::arg("buffer"), py::arg("phases"));
 
+  m.def("ll_num_ranks", &ll_num_ranks, py::arg("ctx"),
+        "The rank count of a low-latency context (the torch custom op's shapes need it).");
+
   m.def("ll_dispatch_receive",
         [](int64_t ctx, const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& recv_x,
            const OptTensor& recv_scales, const at::Tensor& recv_count,

@@ -143,7 +143,7 @@ class CudaBackend:
         from mpiep.backends import native
 
         return Layout(
-            *native.ops().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size, 0)
+            *native.pick().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size, 0)
         )
 
     def dispatch(self, req: DispatchRequest) -> DispatchResult:

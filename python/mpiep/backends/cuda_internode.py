@@ -117,6 +117,7 @@ class InternodeEngine(NativeNormalEngine):
         rt.set_staged(any(u for _, u in reports))
         self._rt = rt
         self._ops = native.ops()
+        native.sequence(self.device)  # for torch.compile (backends/torch_ops.py)
         self._address = int(rt.address)
         self.set_test_stall(None)  # MPIEP_TEST_STALL, tests only
         self.nvl_row_bytes = int(rt.nvl_row_bytes)
@@ -159,7 +160,9 @@ class InternodeEngine(NativeNormalEngine):
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         self._runtime_address()  # raises after destroy()
         return Layout(
-            *self._ops.layout(topk_idx, num_experts, self.num_ranks, self.local_ranks, self._hop)
+            *native.pick(self._ops).layout(
+                topk_idx, num_experts, self.num_ranks, self.local_ranks, self._hop
+            )
         )
 
     def _native_dispatch(
@@ -177,7 +180,7 @@ class InternodeEngine(NativeNormalEngine):
         )  # fmt: skip
 
     def _native_combine(self, address, x, handle, topk_weights, st, b0, b1, config):  # type: ignore[no-untyped-def]
-        return self._ops.internode_combine(
+        return native.pick(self._ops).internode_combine(
             address, x, topk_weights, st["state"], st["host_counts"], b0, b1,
             handle.num_tokens, config.num_sms, int(config.num_max_rdma_chunked_send_tokens),
             self._hop,

@@ -85,13 +85,14 @@ class IntranodeEngine(NativeNormalEngine):
         self._rt = rt
         self.row_area_bytes = int(rt.row_area_bytes)
         self._ops = native.ops()
+        native.sequence(self.device)  # for torch.compile (backends/torch_ops.py)
         self._address = int(rt.address)
         self.set_test_stall(None)  # MPIEP_TEST_STALL, tests only
 
     # -- the native entries ------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         self._runtime_address()  # raises after destroy()
-        per_rank, _, per_expert, in_rank = self._ops.layout(
+        per_rank, _, per_expert, in_rank = native.pick(self._ops).layout(
             topk_idx, num_experts, self.num_ranks, self.num_ranks, self._hop
         )
         return Layout(per_rank, None, per_expert, in_rank)
@@ -109,7 +110,7 @@ class IntranodeEngine(NativeNormalEngine):
         )  # fmt: skip
 
     def _native_combine(self, address, x, handle, topk_weights, st, b0, b1, config):  # type: ignore[no-untyped-def]
-        return self._ops.intranode_combine(
+        return native.pick(self._ops).intranode_combine(
             address, x, topk_weights, handle.recv_src_idx, st["state"], st["host_counts"], b0,
             b1, handle.num_tokens, config.num_sms, self._hop,
         )  # fmt: skip

@@ -113,6 +113,7 @@ class LowLatencyEngine:
         self._send, self._recv = core.LL_SEND_PHASE, core.LL_RECV_PHASE
         self._send_recv = self._send | self._recv
         self._ops = native.ops()
+        native.sequence(self.device)  # for torch.compile (backends/torch_ops.py)
         self._address = int(self.ctx.address)
         # The receive-hook rules; its two slots per op are this engine's two buffers per op.
         self.hooks = HookTracker()
@@ -182,7 +183,7 @@ class LowLatencyEngine:
         stats, with_hook = req.cumulative_local_expert_recv_stats, req.return_recv_hook
         hooks = self.hooks
         buffer = hooks.claim("dispatch")  # refused before launching if its hook is pending
-        recv_x, scales, recv_count, src_idx, layout = self._ops.ll_dispatch(
+        recv_x, scales, recv_count, src_idx, layout = native.pick(self._ops).ll_dispatch(
             self._address, x, topk_idx, M, E, fp8, round_scale, ue8m0, stats, buffer,
             self._send if with_hook else self._send_recv,
         )  # fmt: skip
@@ -202,7 +203,7 @@ class LowLatencyEngine:
             ops, address = self._ops, self._address
 
             def receive() -> None:
-                ops.ll_dispatch_receive(
+                native.pick(ops).ll_dispatch_receive(
                     address, x, topk_idx, recv_x, scales, recv_count, src_idx, layout, M, E,
                     fp8, round_scale, ue8m0, stats, buffer,
                 )  # fmt: skip
@@ -221,7 +222,7 @@ class LowLatencyEngine:
         src_idx, layout = handle.src_token_idx, handle.layout_range
         hooks = self.hooks
         buffer = hooks.claim("combine")
-        result = self._ops.ll_combine(
+        result = native.pick(self._ops).ll_combine(
             self._address, x, topk_idx, topk_weights, src_idx, layout, req.out, H, M, E,
             zero_copy, buffer, self._send if with_hook else self._send_recv,
         )  # fmt: skip
@@ -231,7 +232,7 @@ class LowLatencyEngine:
         ops, address, recv = self._ops, self._address, self._recv
 
         def receive() -> None:
-            ops.ll_combine(
+            native.pick(ops).ll_combine(
                 address, x, topk_idx, topk_weights, src_idx, layout, result, H, M, E,
                 zero_copy, buffer, recv,
             )  # fmt: skip
