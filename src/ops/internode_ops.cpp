@@ -70,14 +70,22 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const HopGuard guard(hop, dev);
   const cudaStream_t stream = guard.stream();
 
-  // At most three allocations (each at::empty costs ~2 us of host time; see DispatchOut):
-  // the routing the handle keeps (before the notify, which writes it; with num_worst_tokens
-  // also fwd_pos and recv_src_idx, whose sizes are known then), the outputs, and after a
-  // host wait fwd_pos with recv_src_idx (the handle keeps them; carved from the outputs they
-  // would pin recv_x).
+  const int64_t nvl_row =
+      nvl_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
+  const int64_t rdma_row =
+      rdma_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk, L);
+
+  // Two allocations (each at::empty costs ~2 us of host time; see DispatchOut): what the
+  // handle keeps, made before the notify (which writes it), and the outputs, made once
+  // their size is known. fwd_pos and recv_src_idx go with the handle's part (carved from
+  // the outputs they would pin recv_x), sized for the most rows they can need: from
+  // num_worst_tokens (a forwarder's rows are at most L x the rows any rank receives; the
+  // kernel checks capacity), or from what the NVLink and RDMA areas hold (check_fit below
+  // guarantees it; 4 bytes per row for every row of >= 32 bytes there).
   DispatchOut out;
   std::vector<at::Tensor> state;
-  int64_t num_out = 0;
+  at::Tensor state_bytes;
+  int64_t num_out = 0, fwd_rows = 0, src_cap = 0, fwd_cap = 0, fwd_at = 0, src_at = 0;
   if (cached) {
     state = routing.state;
     if (state.size() != kStateCount) bad_arg("handle: not an internode dispatch handle");
@@ -90,26 +98,22 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
           "dispatch: needs the layout (num_tokens_per_rank, num_tokens_per_rdma_rank, "
           "num_tokens_per_expert, is_token_in_rank) or a handle");
     const int64_t T1 = std::max<int64_t>(T, 1);
+    src_cap = worst > 0 ? worst : rt.nvl_row_bytes() / nvl_row;
+    fwd_cap = worst > 0 ? L * worst : std::max<int64_t>(rt.rdma_data_bytes() / rdma_row, 1);
     ByteLayout st;
     const int64_t slot_at = st.add(T * R * 4), node_slot_at = st.add(T * N * 4),
                   node_token_at = st.add(N * T1 * 4),
                   counts_at = st.add(int64_t(R) * (R + N + 1) * 4),
                   tables_at = st.add(int64_t(table_layout(R, N, L).total) * 4);
-    // With num_worst_tokens: a forwarder's rows are at most L x the rows any rank receives,
-    // which num_worst_tokens bounds (the kernel checks capacity).
-    const int64_t fwd_at = worst > 0 ? st.add(L * worst * L * 4) : 0;
-    const int64_t src_at = worst > 0 ? st.add(worst * 4) : 0;
-    const at::Tensor state_bytes = empty({st.total}, at::kByte, dev);
+    fwd_at = st.add(fwd_cap * L * 4);
+    src_at = st.add(src_cap * 4);
+    state_bytes = empty({st.total}, at::kByte, dev);
     state.resize(kStateCount);
     state[kSendSlot] = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
     state[kNodeSlot] = typed_slice(state_bytes, node_slot_at, {T, N}, at::kInt);
     state[kNodeToken] = typed_slice(state_bytes, node_token_at, {N, T1}, at::kInt);
     state[kCounts] = typed_slice(state_bytes, counts_at, {R, R + N + 1}, at::kInt);
     state[kTables] = typed_slice(state_bytes, tables_at, {table_layout(R, N, L).total}, at::kInt);
-    if (worst > 0) {
-      state[kFwdPos] = typed_slice(state_bytes, fwd_at, {L * worst, L}, at::kInt);
-      out.recv_src_idx = typed_slice(state_bytes, src_at, {worst}, at::kInt);
-    }
     NotifyArgs a{};
     a.num_tokens_per_rank = ptr<const int>(*routing.num_tokens_per_rank);
     a.num_tokens_per_rdma_rank = ptr<const int>(*routing.num_tokens_per_rdma_rank);
@@ -126,28 +130,26 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     const int64_t token = rt.notify(a, stream);
     if (worst > 0) {
       num_out = worst;  // no host wait
+      fwd_rows = L * worst;
     } else {
       rt.wait_notify(token, stream);
       out.host_counts = rt.status();
       num_out = out.host_counts[kNumRecv];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));
-      const int64_t fwd_rows = std::max<int64_t>(out.host_counts[kRdmaRows], 1);
-      ByteLayout tail;
-      const int64_t fwd_at2 = tail.add(fwd_rows * L * 4), src_at2 = tail.add(num_out * 4);
-      const at::Tensor tail_bytes = empty({tail.total}, at::kByte, dev);
-      state[kFwdPos] = typed_slice(tail_bytes, fwd_at2, {fwd_rows, L}, at::kInt);
-      out.recv_src_idx = typed_slice(tail_bytes, src_at2, {num_out}, at::kInt);
+      fwd_rows = std::max<int64_t>(out.host_counts[kRdmaRows], 1);
     }
   }
-  const int64_t nvl_row =
-      nvl_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
-  const int64_t rdma_row =
-      rdma_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk, L);
   check_fit(rt, out.host_counts, kMaxRecv, nvl_row, kMaxRdmaRows, rdma_row, "dispatch");
   if (!out.host_counts.empty() && worst > 0 && out.host_counts[kMaxRecv] > worst) {
     throw Error(ErrorCode::kCapacity,
                 "dispatch: num_worst_tokens=" + std::to_string(worst) + " is below the " +
                     std::to_string(out.host_counts[kMaxRecv]) + " rows a rank receives");
+  }
+  if (!cached) {
+    if (num_out > src_cap || fwd_rows > fwd_cap)
+      bad_arg("dispatch: internal error, more rows than the buffers hold");
+    state[kFwdPos] = typed_slice(state_bytes, fwd_at, {fwd_rows, L}, at::kInt);
+    out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
   }
   ByteLayout o;
   const int64_t x_at = o.add(num_out * hidden_bytes);
@@ -155,7 +157,7 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const int64_t idx_at = num_topk ? o.add(num_out * num_topk * 8) : 0;
   const int64_t w_at = (num_topk && topk_weights) ? o.add(num_out * num_topk * 4) : 0;
   // A cached dispatch's recv_src_idx is not kept (its handle has one): with the outputs.
-  const int64_t src_at = cached ? o.add(num_out * 4) : 0;
+  const int64_t out_src_at = cached ? o.add(num_out * 4) : 0;
   const at::Tensor out_bytes = empty({o.total}, at::kByte, dev);
   out.recv_x = typed_slice(out_bytes, x_at, {num_out, H}, x.scalar_type());
   if (x_scales)
@@ -165,7 +167,7 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     if (topk_weights)
       out.recv_topk_weights = typed_slice(out_bytes, w_at, {num_out, num_topk}, at::kFloat);
   }
-  if (cached) out.recv_src_idx = typed_slice(out_bytes, src_at, {num_out}, at::kInt);
+  if (cached) out.recv_src_idx = typed_slice(out_bytes, out_src_at, {num_out}, at::kInt);
   DispatchArgs a{};
   a.x = x.data_ptr();
   a.x_scales = ptr<const float>(x_scales);

@@ -100,10 +100,11 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       intranode::dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
   if (worst > 0) check_fit({worst}, row_bytes, rt.row_area_bytes(), "dispatch (num_worst_tokens)");
 
-  // At most three allocations (each at::empty costs ~2 us of host time; see DispatchOut):
-  // the routing the handle keeps (before the notify, which writes it; with num_worst_tokens
-  // also recv_src_idx), the outputs, and after a host wait recv_src_idx on its own (the
-  // handle keeps it; carved from the outputs it would pin recv_x).
+  // Two allocations (each at::empty costs ~2 us of host time; see DispatchOut): what the
+  // handle keeps, made before the notify (which writes it), and the outputs, made once
+  // their size is known. recv_src_idx goes with the handle's part (carved from the outputs
+  // it would pin recv_x), sized for the most rows this rank can receive: num_worst_tokens,
+  // or the rows the row area holds (check_fit guarantees it; 4 bytes for every >= 32 there).
   DispatchOut out;
   at::Tensor send_slot, count_matrix;
   int64_t num_out = 0;
@@ -119,13 +120,13 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       bad_arg(
           "dispatch: needs the layout (num_tokens_per_rank, num_tokens_per_expert, "
           "is_token_in_rank) or a handle");
+    const int64_t src_cap = worst > 0 ? worst : rt.row_area_bytes() / row_bytes;
     ByteLayout st;
-    const int64_t slot_at = st.add(T * R * 4), matrix_at = st.add(int64_t(R) * (R + 1) * 4);
-    const int64_t src_at = worst > 0 ? st.add(worst * 4) : 0;
+    const int64_t slot_at = st.add(T * R * 4), matrix_at = st.add(int64_t(R) * (R + 1) * 4),
+                  src_at = st.add(src_cap * 4);
     const at::Tensor state_bytes = empty({st.total}, at::kByte, dev);
     send_slot = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
     count_matrix = typed_slice(state_bytes, matrix_at, {R, R + 1}, at::kInt);
-    if (worst > 0) out.recv_src_idx = typed_slice(state_bytes, src_at, {worst}, at::kInt);
     intranode::NotifyArgs a{};
     a.num_tokens_per_rank = ptr<const int>(*routing.num_tokens_per_rank);
     a.num_tokens_per_expert = ptr<const int>(*routing.num_tokens_per_expert);
@@ -145,8 +146,9 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       check_fit(recv, row_bytes, rt.row_area_bytes(), "dispatch");
       num_out = recv[me];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));
-      out.recv_src_idx = empty({num_out}, at::kInt, dev);
     }
+    if (num_out > src_cap) bad_arg("dispatch: internal error, more rows than the row area holds");
+    out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
   }
   ByteLayout o;
   const int64_t x_at = o.add(num_out * hidden_bytes);
@@ -154,7 +156,7 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const int64_t idx_at = num_topk ? o.add(num_out * num_topk * 8) : 0;
   const int64_t w_at = (num_topk && topk_weights) ? o.add(num_out * num_topk * 4) : 0;
   // A cached dispatch's recv_src_idx is not kept (its handle has one): with the outputs.
-  const int64_t src_at = cached ? o.add(num_out * 4) : 0;
+  const int64_t out_src_at = cached ? o.add(num_out * 4) : 0;
   const at::Tensor out_bytes = empty({o.total}, at::kByte, dev);
   out.recv_x = typed_slice(out_bytes, x_at, {num_out, H}, x.scalar_type());
   if (x_scales)
@@ -164,7 +166,7 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     if (topk_weights)
       out.recv_topk_weights = typed_slice(out_bytes, w_at, {num_out, num_topk}, at::kFloat);
   }
-  if (cached) out.recv_src_idx = typed_slice(out_bytes, src_at, {num_out}, at::kInt);
+  if (cached) out.recv_src_idx = typed_slice(out_bytes, out_src_at, {num_out}, at::kInt);
   intranode::DispatchArgs a{};
   a.x = x.data_ptr();
   a.x_scales = ptr<const float>(x_scales);
