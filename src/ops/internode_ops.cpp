@@ -81,11 +81,13 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   // the outputs they would pin recv_x), sized for the most rows they can need: from
   // num_worst_tokens (a forwarder's rows are at most L x the rows any rank receives; the
   // kernel checks capacity), or from what the NVLink and RDMA areas hold (check_fit below
-  // guarantees it; 4 bytes per row for every row of >= 32 bytes there).
+  // guarantees it; 4 bytes per row for every row of >= 32 bytes there; past
+  // kMaxEarlyTailBytes in a third allocation after the wait).
   DispatchOut out;
   std::vector<at::Tensor> state;
   at::Tensor state_bytes;
   int64_t num_out = 0, fwd_rows = 0, src_cap = 0, fwd_cap = 0, fwd_at = 0, src_at = 0;
+  bool early = false;
   if (cached) {
     state = routing.state;
     if (state.size() != kStateCount) bad_arg("handle: not an internode dispatch handle");
@@ -105,8 +107,11 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                   node_token_at = st.add(N * T1 * 4),
                   counts_at = st.add(int64_t(R) * (R + N + 1) * 4),
                   tables_at = st.add(int64_t(table_layout(R, N, L).total) * 4);
-    fwd_at = st.add(fwd_cap * L * 4);
-    src_at = st.add(src_cap * 4);
+    early = worst > 0 || (fwd_cap * L + src_cap) * 4 <= kMaxEarlyTailBytes;
+    if (early) {
+      fwd_at = st.add(fwd_cap * L * 4);
+      src_at = st.add(src_cap * 4);
+    }
     state_bytes = empty({st.total}, at::kByte, dev);
     state.resize(kStateCount);
     state[kSendSlot] = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
@@ -145,9 +150,15 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                 "dispatch: num_worst_tokens=" + std::to_string(worst) + " is below the " +
                     std::to_string(out.host_counts[kMaxRecv]) + " rows a rank receives");
   }
+  if (!cached && !early) {
+    ByteLayout tail;
+    fwd_at = tail.add(fwd_rows * L * 4);
+    src_at = tail.add(num_out * 4);
+    state_bytes = empty({tail.total}, at::kByte, dev);
+  } else if (!cached && (num_out > src_cap || fwd_rows > fwd_cap)) {
+    bad_arg("dispatch: internal error, more rows than the buffers hold");
+  }
   if (!cached) {
-    if (num_out > src_cap || fwd_rows > fwd_cap)
-      bad_arg("dispatch: internal error, more rows than the buffers hold");
     state[kFwdPos] = typed_slice(state_bytes, fwd_at, {fwd_rows, L}, at::kInt);
     out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
   }

@@ -104,7 +104,8 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   // handle keeps, made before the notify (which writes it), and the outputs, made once
   // their size is known. recv_src_idx goes with the handle's part (carved from the outputs
   // it would pin recv_x), sized for the most rows this rank can receive: num_worst_tokens,
-  // or the rows the row area holds (check_fit guarantees it; 4 bytes for every >= 32 there).
+  // or the rows the row area holds (check_fit guarantees it; 4 bytes for every >= 32 there;
+  // past kMaxEarlyTailBytes on its own after the wait).
   DispatchOut out;
   at::Tensor send_slot, count_matrix;
   int64_t num_out = 0;
@@ -121,9 +122,10 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
           "dispatch: needs the layout (num_tokens_per_rank, num_tokens_per_expert, "
           "is_token_in_rank) or a handle");
     const int64_t src_cap = worst > 0 ? worst : rt.row_area_bytes() / row_bytes;
+    const bool early = worst > 0 || src_cap * 4 <= kMaxEarlyTailBytes;
     ByteLayout st;
     const int64_t slot_at = st.add(T * R * 4), matrix_at = st.add(int64_t(R) * (R + 1) * 4),
-                  src_at = st.add(src_cap * 4);
+                  src_at = early ? st.add(src_cap * 4) : 0;
     const at::Tensor state_bytes = empty({st.total}, at::kByte, dev);
     send_slot = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
     count_matrix = typed_slice(state_bytes, matrix_at, {R, R + 1}, at::kInt);
@@ -147,8 +149,12 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       num_out = recv[me];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));
     }
-    if (num_out > src_cap) bad_arg("dispatch: internal error, more rows than the row area holds");
-    out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
+    if (!early) {
+      out.recv_src_idx = empty({num_out}, at::kInt, dev);
+    } else {
+      if (num_out > src_cap) bad_arg("dispatch: internal error, more rows than the buffer holds");
+      out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
+    }
   }
   ByteLayout o;
   const int64_t x_at = o.add(num_out * hidden_bytes);

@@ -150,6 +150,11 @@ inline at::Tensor column_view(const at::Tensor& m, int64_t col) {
   return t;
 }
 
+// Normal dispatch sizes the handle's per-row tensors before the notify for the most rows the
+// buffers hold, to save an allocation after the host wait; past this many bytes it allocates
+// them after the wait instead (huge buffers with small rows).
+constexpr int64_t kMaxEarlyTailBytes = int64_t(1) << 20;
+
 // Byte offsets of consecutive blocks inside one allocation, each aligned to 256 bytes.
 struct ByteLayout {
   int64_t total = 0;
