@@ -215,9 +215,7 @@ std::tuple<at::Tensor, OptTensor> intranode_combine(
     check_fit(matrix_rows(host_counts, R, false), row_bytes, rt.row_area_bytes(), "combine");
   const at::Device dev = x.device();
   const HopGuard guard(hop, dev);
-  at::Tensor out = empty({num_tokens, H}, at::kBFloat16, dev);
-  OptTensor out_w;
-  if (topk_weights) out_w = empty({num_tokens, K}, at::kFloat, dev);
+  auto [out, out_w] = combine_outputs(num_tokens, H, K, topk_weights.has_value(), dev);
   intranode::CombineArgs a{};
   a.x = x.data_ptr();
   a.topk_weights = ptr<const float>(topk_weights);

@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "mpiep/errors.h"
 #include "runtime/stream_hop.h"
@@ -164,6 +165,20 @@ struct ByteLayout {
     return at;
   }
 };
+
+// Combine's outputs, the summed rows [T, H] bf16 and (with weights) the summed weights
+// [T, K] float, from one allocation: views of one storage, so the weights keep the rows'
+// memory alive while they live (as with DeepEP-style outputs, used together).
+inline std::pair<at::Tensor, std::optional<at::Tensor>> combine_outputs(int64_t T, int64_t H,
+                                                                        int64_t K, bool weights,
+                                                                        const at::Device& dev) {
+  ByteLayout o;
+  const int64_t x_at = o.add(T * H * 2), w_at = weights ? o.add(T * K * 4) : 0;
+  const at::Tensor bytes = empty({o.total}, at::kByte, dev);
+  std::optional<at::Tensor> w;
+  if (weights) w = typed_slice(bytes, w_at, {T, K}, at::kFloat);
+  return {typed_slice(bytes, x_at, {T, H}, at::kBFloat16), w};
+}
 
 }  // namespace ops
 }  // namespace mpiep
