@@ -29,6 +29,8 @@ import torch
 from mpi4py import MPI
 
 from mpiep import Buffer, EventOverlap
+from mpiep.backends.base import LowLatencyCombineRequest as LLC
+from mpiep.backends.base import LowLatencyDispatchRequest as LLD
 from mpiep.config import get_low_latency_rdma_size_hint
 
 
@@ -93,18 +95,26 @@ def pieces(buf, x, idx, w, recv, handle, T, E, emit) -> None:  # type: ignore[no
     emit(
         "piece checks.low_latency_dispatch",
         host_us=per_call_us(
-            lambda: checks.low_latency_dispatch(buf, x, idx, T, E, None, True, False, False, False)
+            lambda: checks.low_latency_dispatch(
+                buf, LLD(x, idx, T, E, True, False, False, None, False)
+            )
         ),
     )
     emit(
         "piece checks.low_latency_combine",
         host_us=per_call_us(
-            lambda: checks.low_latency_combine(buf, recv, idx, w, handle, False, False, False, None)
+            lambda: checks.low_latency_combine(
+                buf, LLC(recv, idx, w, handle, False, None, False), False
+            )
         ),
     )
     emit(
         "piece checks.low_latency_combine_lean",
-        host_us=per_call_us(lambda: checks.low_latency_combine_lean(buf, idx, handle, False)),
+        host_us=per_call_us(
+            lambda: checks.low_latency_combine_lean(
+                buf, LLC(recv, idx, w, handle, False, None, False), False
+            )
+        ),
     )
     emit("piece EventOverlap(None)", host_us=per_call_us(lambda: EventOverlap(None)))
 
@@ -174,7 +184,7 @@ def main() -> None:
         return ops.ll_dispatch(addr, x, idx, T, E, True, False, False, None, 0, both)
 
     def engine_dispatch() -> object:
-        return engine.low_latency_dispatch(x, idx, T, E, True, False, False, None, False)
+        return engine.low_latency_dispatch(LLD(x, idx, T, E, True, False, False, None, False))
 
     def buffer_dispatch() -> object:
         return buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
@@ -188,7 +198,7 @@ def main() -> None:
         return buf.low_latency_combine(recv, idx, w, handle)
 
     def engine_combine() -> object:
-        return engine.low_latency_combine(recv, idx, w, handle, False, None, False)
+        return engine.low_latency_combine(LLC(recv, idx, w, handle, False, None, False))
 
     for name, fn in (("engine", engine_combine), ("buffer", buffer_combine)):
         comm.Barrier()

@@ -10,11 +10,13 @@ masked ranks. ``set_active_ranks`` meets the active ranks in a barrier, as the G
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from mpiep import masked_ll
+from mpiep.backends.base import LowLatencyCombineRequest, LowLatencyDispatchRequest
 from mpiep.backends.reference import ReferenceBackend
 from mpiep.comm import Communicator
 
@@ -71,32 +73,19 @@ class FakeMaskingBackend:
             return None
         return _Active(self.full, self._active, self._sub)
 
-    def low_latency_dispatch(self, *args: Any) -> Any:
+    def low_latency_dispatch(self, req: LowLatencyDispatchRequest) -> Any:
         where = self._where()
         if where is None:
-            return self.inner.low_latency_dispatch(*args)
-        return masked_ll.dispatch(where, *args)  # type: ignore[arg-type]
+            return self.inner.low_latency_dispatch(req)
+        return masked_ll.dispatch(where, req)  # type: ignore[arg-type]
 
-    def low_latency_combine(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: Any,
-        zero_copy: bool,
-        out: torch.Tensor | None,
-        return_recv_hook: bool,
-    ) -> Any:
+    def low_latency_combine(self, req: LowLatencyCombineRequest) -> Any:
         where = self._where()
         if where is None:
-            return self.inner.low_latency_combine(
-                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
-            )
-        if zero_copy:  # the rows were written into the buffer handed out
-            x = self.get_next_low_latency_combine_buffer(handle)
-        return masked_ll.combine(  # type: ignore[arg-type]
-            where, x, topk_idx, topk_weights, handle, out, return_recv_hook
-        )
+            return self.inner.low_latency_combine(req)
+        if req.zero_copy:  # the rows were written into the buffer handed out
+            req = replace(req, x=self.get_next_low_latency_combine_buffer(req.handle))
+        return masked_ll.combine(where, req)  # type: ignore[arg-type]
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
         if self._sub is None:

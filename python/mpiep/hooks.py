@@ -1,9 +1,12 @@
-"""The receive-hook rules of low-latency mode, kept by ``Buffer`` the same way for every backend.
+"""The receive-hook rules of low-latency mode, the same for every backend.
 
 They are the GPU engine's double buffering (docs/semantics.md, "Receive hooks"): dispatch
 calls use two slots in turn, and so do combine calls; a call whose slot still holds a send
 waiting for its hook is refused before anything is sent; a hook runs once; and
 ``clean_low_latency_buffer`` voids every hook issued before it.
+
+One tracker per Buffer keeps them: the GPU low-latency engine owns it (its slots are its
+buffers) and exposes it as ``hook_tracker``; for other backends ``Buffer`` keeps its own.
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ class HookTracker:
                 f"most two {op} calls with return_recv_hook may wait for their hooks, and "
                 "their slots are used in turn"
             )
+
+    def slot(self, op: str) -> int:
+        """The slot the next ``op`` call uses (taken or not)."""
+        return self._next[op]
+
+    def claim(self, op: str) -> int:
+        """The slot the next ``op`` call uses; raises (as :meth:`check_free`) if it is taken."""
+        self.check_free(op)
+        return self._next[op]
 
     def issue(self, op: str, with_hook: bool) -> HookTicket | None:
         """Take the next slot (after :meth:`check_free`); a ticket when a hook will follow."""

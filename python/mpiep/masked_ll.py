@@ -11,11 +11,16 @@ way; until the GPU kernels mask ranks natively, GPU tensors go through the refer
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.base import (
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.handles import LowLatencyHandle
 from mpiep.rank_mask import RankMask
 
@@ -28,30 +33,16 @@ def renumber(topk_idx: torch.Tensor, mask: RankMask, experts_per_rank: int) -> t
     return torch.where((topk_idx >= 0) & (pos[owner] >= 0), new, -1).contiguous()
 
 
-def dispatch(
-    mask: RankMask,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    max_tokens: int,
-    num_experts: int,
-    use_fp8: bool,
-    round_scale: bool,
-    use_ue8m0: bool,
-    stats: torch.Tensor | None,
-    return_recv_hook: bool,
-) -> LowLatencyDispatchResult:
+def dispatch(mask: RankMask, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+    x, num_experts, max_tokens = req.x, req.num_experts, req.num_max_dispatch_tokens_per_rank
     num_ranks, active = mask.full.size, mask.active
     e_local = num_experts // num_ranks
     sub = mask.backend.low_latency_dispatch(  # type: ignore[union-attr]
-        x,
-        renumber(topk_idx, mask, e_local),
-        max_tokens,
-        e_local * len(active),
-        use_fp8,
-        round_scale,
-        use_ue8m0,
-        stats,
-        return_recv_hook,
+        replace(
+            req,
+            topk_idx=renumber(req.topk_idx, mask, e_local),
+            num_experts=e_local * len(active),
+        )
     )
     rows, sub_rows = num_ranks * max_tokens, len(active) * max_tokens
     recv_x = _with_rows(sub.recv_x, rows)
@@ -89,15 +80,11 @@ def dispatch(
 
 
 def combine(
-    mask: RankMask,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    handle: LowLatencyHandle,
-    out: torch.Tensor | None,
-    return_recv_hook: bool,
+    mask: RankMask, req: LowLatencyCombineRequest
 ) -> tuple[torch.Tensor, Callable[[], None] | None]:
-    """``x`` is full-size ``[E/R, R*M, H]``; the rows of masked sources are not sent back."""
+    """``req.x`` is full-size ``[E/R, R*M, H]`` (zero_copy's buffer already read in); the rows
+    of masked sources are not sent back."""
+    x, handle = req.x, req.handle
     active = mask.active
     e_local = handle.num_experts // mask.full.size
     src, state = handle.src_token_idx, handle.backend_state
@@ -119,13 +106,13 @@ def combine(
         backend_state=state,
     )
     return mask.backend.low_latency_combine(  # type: ignore[union-attr]
-        x,
-        renumber(topk_idx, mask, e_local),
-        topk_weights,
-        sub_handle,
-        False,
-        out,
-        return_recv_hook,
+        replace(
+            req,
+            x=x,
+            topk_idx=renumber(req.topk_idx, mask, e_local),
+            handle=sub_handle,
+            zero_copy=False,
+        )
     )
 
 

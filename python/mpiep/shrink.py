@@ -23,12 +23,18 @@ Where masked calls run:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from mpiep import masked_ll
-from mpiep.backends.base import Backend, LowLatencyDispatchResult
+from mpiep.backends.base import (
+    Backend,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle
@@ -83,58 +89,53 @@ class Shrink:
             )
 
     # -- calls ------------------------------------------------------------------------
-    def dispatch(self, backend: Backend, *args: Any) -> LowLatencyDispatchResult:
-        """``backend.low_latency_dispatch(*args)``, masked when needed, recovering once."""
+    def dispatch(
+        self, backend: Backend, req: LowLatencyDispatchRequest
+    ) -> LowLatencyDispatchResult:
+        """``backend.low_latency_dispatch(req)``, masked when needed, recovering once."""
         self.mask.calls += 1
 
-        def masked(*call_args: Any) -> LowLatencyDispatchResult:
+        def masked(r: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
             if self.native is None:
-                return masked_ll.dispatch(self.mask, *call_args)
-            result = backend.low_latency_dispatch(*call_args)
+                return masked_ll.dispatch(self.mask, r)
+            result = backend.low_latency_dispatch(r)
             # Which ranks took part: a rank unmasked later has none of this call's rows.
             result.handle.backend_state["active"] = tuple(self.mask.active)
             return result
 
-        result = self._run(lambda: backend.low_latency_dispatch(*args), lambda: masked(*args))
+        result = self._run(lambda: backend.low_latency_dispatch(req), lambda: masked(req))
         if result.hook is not None:
-            sync_args = (*args[:-1], False)
+            sync = replace(req, return_recv_hook=False)
             result.hook = self._recovering(
-                result.hook, lambda: _fill_dispatch(result, masked(*sync_args))
+                result.hook, lambda: _fill_dispatch(result, masked(sync))
             )
         return result
 
     def combine(
-        self,
-        backend: Backend,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: LowLatencyHandle,
-        zero_copy: bool,
-        out: torch.Tensor | None,
-        return_recv_hook: bool,
+        self, backend: Backend, req: LowLatencyCombineRequest
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         self.mask.calls += 1
         if self.native is not None:
             settled = self.native.settled_timeout()
             if settled is not None:  # every survivor is here with it: agree, clean, go on
                 self.recover(settled)
-        if zero_copy and self.native is None:  # the rows are in a buffer: read them there too
-            engaged = self.mask.engaged
-            x = self.combine_buffer(handle) if engaged else backend_buffer(backend, handle)
+        if req.zero_copy and self.native is None:  # the rows are in a buffer: read them there
+            handle = req.handle
+            x = (
+                self.combine_buffer(handle)
+                if self.mask.engaged
+                else backend_buffer(backend, handle)
+            )
+            req = replace(req, x=x)
 
         def masked(hook: bool) -> tuple[torch.Tensor, Callable[[], None] | None]:
+            r = replace(req, return_recv_hook=hook)
             if self.native is None:
-                return masked_ll.combine(self.mask, x, topk_idx, topk_weights, handle, out, hook)
-            return backend.low_latency_combine(
-                x, topk_idx, topk_weights, handle, zero_copy, out, hook
-            )
+                return masked_ll.combine(self.mask, r)
+            return backend.low_latency_combine(r)
 
         combined, hook = self._run(
-            lambda: backend.low_latency_combine(
-                x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
-            ),
-            lambda: masked(return_recv_hook),
+            lambda: backend.low_latency_combine(req), lambda: masked(req.return_recv_hook)
         )
         if hook is not None:
             hook = self._recovering(hook, lambda: combined.copy_(masked(False)[0]))

@@ -64,27 +64,26 @@ void launch_dispatch(LowLatencyContext& ctx, const at::Tensor& x, const at::Tens
   }
   const at::Device dev = x.device();
   if (allocate) {
-    // Two allocations instead of five (each costs about 2 us of host time): the rows with
-    // their scales, and the three small int32 outputs (the handle keeps two of them).
+    // One allocation (each costs about 2 us of host time): the rows, their scales and the
+    // three small int32 outputs are views of one buffer. The handle's two (src_token_idx,
+    // layout_range) therefore keep the rows' memory alive as long as the handle lives.
     const int64_t row_bytes = use_fp8 ? H : 2 * H;
     const int64_t scale_cols = use_ue8m0 ? (H + 511) / 512 : H / 128;
-    ByteLayout data;
-    const int64_t x_at = data.add(EL * rows * row_bytes);
-    const int64_t s_at = use_fp8 ? data.add(EL * rows * scale_cols * 4) : 0;
-    const at::Tensor data_bytes = empty({data.total}, at::kByte, dev);
+    ByteLayout bytes;
+    const int64_t x_at = bytes.add(EL * rows * row_bytes);
+    const int64_t s_at = use_fp8 ? bytes.add(EL * rows * scale_cols * 4) : 0;
+    const int64_t count_at = bytes.add(EL * 4), src_at = bytes.add(EL * rows * 4),
+                  range_at = bytes.add(EL * R * 2 * 4);
+    const at::Tensor storage = empty({bytes.total}, at::kByte, dev);
     out.recv_x =
-        typed_slice(data_bytes, x_at, {EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
+        typed_slice(storage, x_at, {EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
     if (use_fp8) {
       out.recv_scales =
-          typed_slice(data_bytes, s_at, {EL, rows, scale_cols}, use_ue8m0 ? at::kInt : at::kFloat);
+          typed_slice(storage, s_at, {EL, rows, scale_cols}, use_ue8m0 ? at::kInt : at::kFloat);
     }
-    ByteLayout meta;
-    const int64_t count_at = meta.add(EL * 4), src_at = meta.add(EL * rows * 4),
-                  range_at = meta.add(EL * R * 2 * 4);
-    const at::Tensor meta_bytes = empty({meta.total}, at::kByte, dev);
-    out.recv_count = typed_slice(meta_bytes, count_at, {EL}, at::kInt);
-    out.src_token_idx = typed_slice(meta_bytes, src_at, {EL, rows}, at::kInt);
-    out.layout_range = typed_slice(meta_bytes, range_at, {EL, R, 2}, at::kInt);
+    out.recv_count = typed_slice(storage, count_at, {EL}, at::kInt);
+    out.src_token_idx = typed_slice(storage, src_at, {EL, rows}, at::kInt);
+    out.layout_range = typed_slice(storage, range_at, {EL, R, 2}, at::kInt);
   }
   LowLatencyDispatchCall c{};
   c.x = x.data_ptr();

@@ -36,6 +36,21 @@ pytestmark = [
     pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without low-latency kernels"),
 ]
 
+
+# The engines take one request object per call (mpiep.backends.base); these keep the tests'
+# positional calls readable (the arguments in the requests' field order).
+def ll_dispatch(engine, *args):
+    from mpiep.backends.base import LowLatencyDispatchRequest
+
+    return engine.low_latency_dispatch(LowLatencyDispatchRequest(*args))
+
+
+def ll_combine(engine, *args):
+    from mpiep.backends.base import LowLatencyCombineRequest
+
+    return engine.low_latency_combine(LowLatencyCombineRequest(*args))
+
+
 MAX_TOKENS = 128
 BENCH_EXPERTS = 288  # the speed bar's configuration sizes the shared engine
 
@@ -217,7 +232,7 @@ def run_case(
     weights = torch.from_numpy(w).to(dev)
     stats = torch.randint(0, 5, (E // R,), dtype=torch.int32, device=dev)
     before = stats.cpu().numpy()
-    res = eng.low_latency_dispatch(x, topk, MAX_TOKENS, E, fp8, round_scale, ue8m0, stats, hooks)
+    res = ll_dispatch(eng, x, topk, MAX_TOKENS, E, fp8, round_scale, ue8m0, stats, hooks)
     if hooks:
         assert res.hook is not None
         res.hook()
@@ -227,7 +242,7 @@ def run_case(
     if not combine or fp8:
         return
     y = fake_experts(res.recv_x, E)
-    out, hook = eng.low_latency_combine(y, topk, weights, res.handle, False, None, hooks)
+    out, hook = ll_combine(eng, y, topk, weights, res.handle, False, None, hooks)
     if hooks:
         hook()
     torch.cuda.synchronize()
@@ -289,7 +304,7 @@ def test_two_pairs_in_flight(engine):
                 )
             )
         ds = [
-            engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, False, False, False, None, True)
+            ll_dispatch(engine, c[0], c[1], MAX_TOKENS, E, False, False, False, None, True)
             for c in cases
         ]
         for d in ds:
@@ -299,9 +314,7 @@ def test_two_pairs_in_flight(engine):
         for d, c in zip(ds, cases, strict=True):
             check_dispatch(d, c[6], H, E, MAX_TOKENS, False, False, False)
         outs = [
-            engine.low_latency_combine(
-                fake_experts(d.recv_x, E), c[1], c[2], d.handle, False, None, True
-            )
+            ll_combine(engine, fake_experts(d.recv_x, E), c[1], c[2], d.handle, False, None, True)
             for d, c in zip(ds, cases, strict=True)
         ]
         for _, hook in outs:
@@ -331,7 +344,7 @@ def test_standard_shape_hook_pairs(engine, fp8):
     def pairs():
         for seed in (101, 102, 103):
             x, topk, everyone = _standard_inputs(engine, seed, "random" if seed != 102 else "holes")
-            d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, fp8, False, False, None, True)
+            d = ll_dispatch(engine, x, topk, MAX_TOKENS, E, fp8, False, False, None, True)
             assert d.hook is not None
             d.hook()
             torch.cuda.synchronize()
@@ -341,7 +354,7 @@ def test_standard_shape_hook_pairs(engine, fp8):
     def in_flight():
         cases = [_standard_inputs(engine, seed) for seed in (104, 105)]
         ds = [
-            engine.low_latency_dispatch(c[0], c[1], MAX_TOKENS, E, fp8, False, False, None, True)
+            ll_dispatch(engine, c[0], c[1], MAX_TOKENS, E, fp8, False, False, None, True)
             for c in cases
         ]
         for d in ds:
@@ -373,9 +386,7 @@ def test_hooks_bench_sequence(engine):
         for _ in range(11):
             try:
                 ds.append(
-                    engine.low_latency_dispatch(
-                        x, topk, MAX_TOKENS, E, True, False, False, None, True
-                    )
+                    ll_dispatch(engine, x, topk, MAX_TOKENS, E, True, False, False, None, True)
                 )
             except RuntimeError as exc:
                 refused.append(str(exc))
@@ -392,8 +403,8 @@ def test_hooks_bench_sequence(engine):
         state["x"], state["topk"], state["everyone"] = x, topk, everyone
 
     def after():  # the engine goes on normally (run_checked: every rank finished `sends`)
-        d = engine.low_latency_dispatch(
-            state["x"], state["topk"], MAX_TOKENS, E, True, False, False, None, True
+        d = ll_dispatch(
+            engine, state["x"], state["topk"], MAX_TOKENS, E, True, False, False, None, True
         )
         d.hook()
         torch.cuda.synchronize()
@@ -419,12 +430,12 @@ def test_zero_copy_and_out(engine):
             torch.from_numpy(idx).to(dev),
             torch.from_numpy(w).to(dev),
         )
-        d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
+        d = ll_dispatch(engine, x, topk, MAX_TOKENS, E, False, False, False, None, False)
         buf = engine.get_next_low_latency_combine_buffer(d.handle)
         assert buf.shape == (E // R, R * MAX_TOKENS, H) and buf.dtype == torch.bfloat16
         buf.copy_(fake_experts(d.recv_x, E))
         out = torch.full((x.shape[0], H), float("nan"), dtype=torch.bfloat16, device=dev)
-        got, _ = engine.low_latency_combine(buf, topk, weights, d.handle, True, out, False)
+        got, _ = ll_combine(engine, buf, topk, weights, d.handle, True, out, False)
         torch.cuda.synchronize()
         engine.check()
         assert got.data_ptr() == out.data_ptr()
@@ -443,11 +454,9 @@ def test_cuda_graph_replay(engine):
         topk_s, w_s = torch.from_numpy(idx).to(dev), torch.from_numpy(w).to(dev)
 
         def step():
-            d = engine.low_latency_dispatch(
-                x_s, topk_s, MAX_TOKENS, E, False, False, False, None, False
-            )
-            out, _ = engine.low_latency_combine(
-                fake_experts(d.recv_x, E), topk_s, w_s, d.handle, False, None, False
+            d = ll_dispatch(engine, x_s, topk_s, MAX_TOKENS, E, False, False, False, None, False)
+            out, _ = ll_combine(
+                engine, fake_experts(d.recv_x, E), topk_s, w_s, d.handle, False, None, False
             )
             return d, out
 
@@ -489,14 +498,14 @@ def test_thousand_iterations_identical(engine):
             torch.from_numpy(idx).to(dev),
             torch.from_numpy(w).to(dev),
         )
-        d0 = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, True, True, False, None, False)
+        d0 = ll_dispatch(engine, x, topk, MAX_TOKENS, E, True, True, False, None, False)
         y = fake_experts(d0.recv_x.float().to(torch.bfloat16), E)
-        out0, _ = engine.low_latency_combine(y, topk, weights, d0.handle, False, None, False)
+        out0, _ = ll_combine(engine, y, topk, weights, d0.handle, False, None, False)
         valid = d0.handle.src_token_idx >= 0
         bad = torch.zeros((), dtype=torch.int64, device=dev)
         for _ in range(1000):
-            d = engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, True, True, False, None, False)
-            out, _ = engine.low_latency_combine(y, topk, weights, d.handle, False, None, False)
+            d = ll_dispatch(engine, x, topk, MAX_TOKENS, E, True, True, False, None, False)
+            out, _ = ll_combine(engine, y, topk, weights, d.handle, False, None, False)
             bad += (out.view(torch.int16) != out0.view(torch.int16)).sum()
             bad += (d.handle.src_token_idx != d0.handle.src_token_idx).sum()
             # Rows past recv_count are unspecified: mask them without a host sync.
@@ -545,7 +554,7 @@ def test_timeout_names_rank_and_phase(engine):
             torch.arange(8, device=engine.device).remainder(E).view(8, 1)
         )  # includes rank 1's experts
         topk = (topk + E // R).remainder(E)
-        engine.low_latency_dispatch(x, topk, MAX_TOKENS, E, False, False, False, None, False)
+        ll_dispatch(engine, x, topk, MAX_TOKENS, E, False, False, False, None, False)
         torch.cuda.synchronize()
         try:
             engine.check()
@@ -584,8 +593,8 @@ def test_fp8_non_finite_blocks(engine, scales):
         everyone = comm.allgather((bits, idx))
         dev = engine.device
         xt = to_torch_bf16(bits, dev).reshape(T, H)
-        res = engine.low_latency_dispatch(
-            xt, torch.from_numpy(idx).to(dev), MAX_TOKENS, E, True, rs, ue, None, False
+        res = ll_dispatch(
+            engine, xt, torch.from_numpy(idx).to(dev), MAX_TOKENS, E, True, rs, ue, None, False
         )
         torch.cuda.synchronize()
         engine.check()

@@ -17,10 +17,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpiep import stall
-from mpiep.backends.base import BackendSettings, DispatchResult, Layout, LowLatencyDispatchResult
-from mpiep.config import Config
+from mpiep.backends.base import (
+    BackendSettings,
+    CombineRequest,
+    DispatchRequest,
+    DispatchResult,
+    Layout,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.errors import CapacityError, PeerTimeoutError
-from mpiep.handles import DispatchHandle, LowLatencyHandle
+from mpiep.handles import LowLatencyHandle
+from mpiep.hooks import HookTracker
 
 if TYPE_CHECKING:  # type only: importing mpiep.comm starts MPI
     from mpiep.comm import Communicator
@@ -137,25 +146,27 @@ class CudaBackend:
             *native.ops().layout(topk_idx, num_experts, self.comm.size, self.comm.local_size, 0)
         )
 
-    def dispatch(self, *args: Any) -> DispatchResult:
-        return self._normal().dispatch(*args)
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
+        return self._normal().dispatch(req)
 
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: DispatchHandle,
-        topk_weights: torch.Tensor | None,
-        bias: tuple[torch.Tensor, ...],
-        config: Config,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._normal().combine(x, handle, topk_weights, bias, config)
+    def combine(self, req: CombineRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._normal().combine(req)
 
     # -- low-latency mode ----------------------------------------------------------------
-    def low_latency_dispatch(self, *args: Any) -> LowLatencyDispatchResult:
-        return self._ll().low_latency_dispatch(*args)
+    # (bound straight to the engine's methods when it exists: _bind_low_latency)
+    def low_latency_dispatch(self, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        return self._ll().low_latency_dispatch(req)
 
-    def low_latency_combine(self, *args: Any) -> tuple[torch.Tensor, Callable[[], None] | None]:
-        return self._ll().low_latency_combine(*args)
+    def low_latency_combine(
+        self, req: LowLatencyCombineRequest
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        return self._ll().low_latency_combine(req)
+
+    @property
+    def hook_tracker(self) -> HookTracker | None:
+        """The low-latency engine keeps the receive-hook rules itself (its buffers are the
+        slots): ``Buffer`` uses this tracker instead of its own."""
+        return None if self.low_latency is None else self.low_latency.hooks
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         return self._ll().get_next_low_latency_combine_buffer(handle)

@@ -34,13 +34,18 @@ import torch
 
 from mpiep import stall
 from mpiep.backends import native
-from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.base import (
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.backends.ll_masking import LowLatencyMasking
 from mpiep.backends.nvshmem_boot import core as nvshmem_core
 from mpiep.backends.nvshmem_boot import finalize_nvshmem, init_nvshmem  # noqa: F401 (re-export)
 from mpiep.comm import Communicator
 from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle
+from mpiep.hooks import HookTracker
 
 _WAIT_PHASES = {
     1: ("dispatch", "the token count"),
@@ -106,14 +111,11 @@ class LowLatencyEngine:
             index, self.num_rdma_bytes, self.allow_nvlink, self._num_blocks(index), float(timeout_s)
         )
         self._send, self._recv = core.LL_SEND_PHASE, core.LL_RECV_PHASE
+        self._send_recv = self._send | self._recv
         self._ops = native.ops()
         self._address = int(self.ctx.address)
-        self._dispatch_buffer = 0
-        self._combine_buffer = 0
-        # Per buffer: a send phase was launched there and its receive hook not yet called.
-        self._dispatch_pending = [False, False]
-        self._combine_pending = [False, False]
-        self._generation = 0  # bumped by clean_low_latency_buffer: older hooks are void
+        # The receive-hook rules; its two slots per op are this engine's two buffers per op.
+        self.hooks = HookTracker()
         self._masking: LowLatencyMasking | None = None
         self.set_test_stall(stall.from_env(comm.rank))
 
@@ -170,73 +172,21 @@ class LowLatencyEngine:
             "Call clean_low_latency_buffer on every rank to recover"
         )
 
-    def _claim(self, pending: list[bool], buffer: int, op: str) -> None:
-        """Refuse a call whose buffer still holds sends waiting for their receive hook."""
-        if pending[buffer]:
-            raise RuntimeError(
-                f"low-latency {op}: both buffers hold {op} calls whose receive hooks have not "
-                f"been called (buffer {buffer} is the older); call that hook before the next "
-                f"{op} (at most two {op} calls with return_recv_hook may wait for their hooks)"
-            )
-
-    def _make_hook(
-        self, pending: list[bool], buffer: int, op: str, recv: Callable[[], None]
-    ) -> Callable[[], None]:
-        pending[buffer] = True
-        generation = self._generation
-        called = False
-
-        def hook() -> None:
-            nonlocal called
-            if called:
-                raise RuntimeError(f"this low-latency {op} receive hook was already called")
-            if generation != self._generation:
-                raise RuntimeError(
-                    f"this low-latency {op} receive hook is from before clean_low_latency_buffer"
-                )
-            # The native receive call raises a recorded peer timeout before it launches, so
-            # a failed hook is not consumed (and its buffer stays taken).
-            recv()
-            called = True
-            pending[buffer] = False
-
-        return hook
-
     # -- dispatch ------------------------------------------------------------------
-    def low_latency_dispatch(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        use_fp8: bool,
-        round_scale: bool,
-        use_ue8m0: bool,
-        cumulative_local_expert_recv_stats: torch.Tensor | None,
-        return_recv_hook: bool,
-    ) -> LowLatencyDispatchResult:
+    def low_latency_dispatch(self, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
         # One native call checks, allocates the outputs and launches (mpiep._ops); the
         # context raises a peer timeout recorded by an earlier call.
-        M, E = num_max_dispatch_tokens_per_rank, num_experts
-        stats = cumulative_local_expert_recv_stats
-        buffer = self._dispatch_buffer
-        self._claim(self._dispatch_pending, buffer, "dispatch")
-        phases = self._send if return_recv_hook else self._send | self._recv
+        x, topk_idx = req.x, req.topk_idx
+        M, E = req.num_max_dispatch_tokens_per_rank, req.num_experts
+        fp8, round_scale, ue8m0 = req.use_fp8, req.round_scale, req.use_ue8m0
+        stats, with_hook = req.cumulative_local_expert_recv_stats, req.return_recv_hook
+        hooks = self.hooks
+        buffer = hooks.claim("dispatch")  # refused before launching if its hook is pending
         recv_x, scales, recv_count, src_idx, layout = self._ops.ll_dispatch(
-            self._address, x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, stats, buffer,
-            phases,
+            self._address, x, topk_idx, M, E, fp8, round_scale, ue8m0, stats, buffer,
+            self._send if with_hook else self._send_recv,
         )  # fmt: skip
-        self._dispatch_buffer = buffer ^ 1
-        hook: Callable[[], None] | None = None
-        if return_recv_hook:
-
-            def receive() -> None:
-                self._ops.ll_dispatch_receive(
-                    self._address, x, topk_idx, recv_x, scales, recv_count, src_idx, layout,
-                    M, E, use_fp8, round_scale, use_ue8m0, stats, buffer,
-                )  # fmt: skip
-
-            hook = self._make_hook(self._dispatch_pending, buffer, "dispatch", receive)
+        ticket = hooks.issue("dispatch", with_hook)
         handle = LowLatencyHandle(
             num_max_dispatch_tokens_per_rank=M,
             hidden=int(x.shape[1]),
@@ -244,49 +194,55 @@ class LowLatencyEngine:
             src_token_idx=src_idx,
             layout_range=layout,
             num_tokens=int(x.shape[0]),
-            backend_state={"recv_count": recv_count, "dispatch_buffer": buffer},
+            ticket=ticket,
         )
+        hook: Callable[[], None] | None = None
+        if ticket is not None:
+            ops, address = self._ops, self._address
+
+            def receive() -> None:
+                ops.ll_dispatch_receive(
+                    address, x, topk_idx, recv_x, scales, recv_count, src_idx, layout, M, E,
+                    fp8, round_scale, ue8m0, stats, buffer,
+                )  # fmt: skip
+
+            # A timed-out receive raises before it launches: the slot stays taken.
+            hook = hooks.wrap(ticket, receive)
         return LowLatencyDispatchResult(recv_x, scales, recv_count, handle, hook)
 
     # -- combine -------------------------------------------------------------------
     def low_latency_combine(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: LowLatencyHandle,
-        zero_copy: bool,
-        out: torch.Tensor | None,
-        return_recv_hook: bool,
+        self, req: LowLatencyCombineRequest
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        x, topk_idx, topk_weights, handle = req.x, req.topk_idx, req.topk_weights, req.handle
+        zero_copy, with_hook = req.zero_copy, req.return_recv_hook
         M, E, H = handle.num_max_dispatch_tokens_per_rank, handle.num_experts, handle.hidden
         src_idx, layout = handle.src_token_idx, handle.layout_range
-        buffer = self._combine_buffer
-        self._claim(self._combine_pending, buffer, "combine")
-        phases = self._send if return_recv_hook else self._send | self._recv
+        hooks = self.hooks
+        buffer = hooks.claim("combine")
         result = self._ops.ll_combine(
-            self._address, x, topk_idx, topk_weights, src_idx, layout, out, H, M, E,
-            zero_copy, buffer, phases,
+            self._address, x, topk_idx, topk_weights, src_idx, layout, req.out, H, M, E,
+            zero_copy, buffer, self._send if with_hook else self._send_recv,
         )  # fmt: skip
-        self._combine_buffer = buffer ^ 1
-        hook: Callable[[], None] | None = None
-        if return_recv_hook:
+        ticket = hooks.issue("combine", with_hook)
+        if ticket is None:
+            return result, None
+        ops, address, recv = self._ops, self._address, self._recv
 
-            def receive() -> None:
-                self._ops.ll_combine(
-                    self._address, x, topk_idx, topk_weights, src_idx, layout, result, H, M,
-                    E, zero_copy, buffer, self._recv,
-                )  # fmt: skip
+        def receive() -> None:
+            ops.ll_combine(
+                address, x, topk_idx, topk_weights, src_idx, layout, result, H, M, E,
+                zero_copy, buffer, recv,
+            )  # fmt: skip
 
-            hook = self._make_hook(self._combine_pending, buffer, "combine", receive)
-        return result, hook
+        return result, hooks.wrap(ticket, receive)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The symmetric area the next combine sends from: write expert outputs here and pass
         ``zero_copy=True`` to skip a copy. Shape [E_local, R * max, H], BF16."""
         M, E, H = handle.num_max_dispatch_tokens_per_rank, handle.num_experts, handle.hidden
         R = self.comm.size
-        ptr = self.ctx.combine_send_buffer(self._combine_buffer, H, M, E)
+        ptr = self.ctx.combine_send_buffer(self.hooks.slot("combine"), H, M, E)
         view = _DeviceView(ptr, (E // R, R * M, H), "<i2")
         return torch.as_tensor(view, device=self.device).view(torch.bfloat16)
 
@@ -321,11 +277,7 @@ class LowLatencyEngine:
             self._masking.clean()
         else:
             self.ctx.clean()
-        self._dispatch_buffer = 0
-        self._combine_buffer = 0
-        self._dispatch_pending[:] = [False, False]
-        self._combine_pending[:] = [False, False]
-        self._generation += 1
+        self.hooks.clean()  # buffer 0 next, and every hook issued before is void
 
     def destroy(self) -> None:
         """Free the symmetric heap (collective). NVSHMEM stays up for later engines in this

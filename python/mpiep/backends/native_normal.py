@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mpiep import stall
-from mpiep.backends.base import DispatchResult, Layout
+from mpiep.backends.base import CombineRequest, DispatchRequest, DispatchResult, Layout
 from mpiep.comm import Communicator
 from mpiep.config import Config
 from mpiep.handles import DispatchHandle
@@ -90,21 +90,11 @@ class NativeNormalEngine:
             raise ValueError(f"handle: not produced by this Buffer's {self.kind} dispatch")
         return state
 
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: torch.Tensor | None,
-        topk_idx: torch.Tensor | None,
-        topk_weights: torch.Tensor | None,
-        layout: Layout | None,
-        handle: DispatchHandle | None,
-        num_experts: int,
-        expert_alignment: int,
-        num_worst_tokens: int,
-        config: Config,
-    ) -> DispatchResult:
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
         """One native call: notify, the host wait for the receive size (skipped with
         num_worst_tokens and in cached mode), output allocation and the data kernel."""
+        x, x_scales, handle, config = req.x, req.x_scales, req.handle, req.config
+        expert_alignment = req.expert_alignment
         address = self._runtime_address()
         if handle is not None:  # cached: the handle's routes, no notify
             st = self._state_of(handle)
@@ -114,6 +104,8 @@ class NativeNormalEngine:
                 handle.num_worst_tokens, config,
             )  # fmt: skip
             return DispatchResult(out[0], out[1], None, None, [], handle)
+        topk_idx, topk_weights, layout = req.topk_idx, req.topk_weights, req.layout
+        num_experts, num_worst_tokens = req.num_experts, req.num_worst_tokens
         if layout is None or (self.needs_node_counts and layout.num_tokens_per_rdma_rank is None):
             if topk_idx is None:
                 raise ValueError("dispatch: needs a layout or topk_idx (or a handle)")
@@ -143,20 +135,16 @@ class NativeNormalEngine:
         )
         return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, experts, handle)
 
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: DispatchHandle,
-        topk_weights: torch.Tensor | None,
-        bias: tuple[torch.Tensor, ...],
-        config: Config,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def combine(self, req: CombineRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         address = self._runtime_address()
+        handle, bias = req.handle, req.bias
         st = self._state_of(handle)
         if len(bias) > 2:
             raise ValueError(f"combine: at most two bias tensors, got {len(bias)}")
         b0, b1 = (*bias, None, None)[:2]
-        return self._native_combine(address, x, handle, topk_weights, st, b0, b1, config)
+        return self._native_combine(
+            address, req.x, handle, req.topk_weights, st, b0, b1, req.config
+        )
 
     def set_test_stall(self, phases: str | int | None) -> None:
         """Tests only (mpiep.stall): this rank skips its data kernel of ``dispatch`` and/or

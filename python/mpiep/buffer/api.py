@@ -28,8 +28,12 @@ from mpiep import validate as val
 from mpiep.backends.base import (
     Backend,
     BackendSettings,
+    CombineRequest,
+    DispatchRequest,
     DispatchResult,
     Layout,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
     LowLatencyDispatchResult,
 )
 from mpiep.buffer import checks, streams
@@ -58,6 +62,15 @@ _COLLECTIVE_METHODS = (
 
 # The output tensors of each call, which the stream code keeps alive (module-level
 # functions: a lambda would be built again on every call).
+def _num_experts(handle: Any, num_tokens_per_expert: Any) -> int:
+    """A dispatch's expert count, read before its checks (0 where they will raise)."""
+    if handle is not None:
+        return int(getattr(handle, "num_experts", 0))
+    if isinstance(num_tokens_per_expert, torch.Tensor) and num_tokens_per_expert.dim() == 1:
+        return int(num_tokens_per_expert.shape[0])
+    return 0
+
+
 def _layout_outputs(lay: Layout) -> tuple[torch.Tensor | None, ...]:
     return (
         lay.num_tokens_per_rank,
@@ -202,7 +215,9 @@ class Buffer:
             self.backend.use_comm_stream(self.comm_stream)  # type: ignore[attr-defined]
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
-        self._hooks = HookTracker()
+        # One set of receive-hook rules: the backend's own when it keeps them (GPU engine).
+        tracker = getattr(self.backend, "hook_tracker", None)
+        self._hooks = tracker if isinstance(tracker, HookTracker) else HookTracker()
         self._shrink: Shrink | None = None
         if enable_shrink:
             self._shrink = Shrink(
@@ -301,6 +316,23 @@ class Buffer:
         if error is not None:
             raise error
 
+    def _check(
+        self,
+        what: str,
+        check: Callable[..., Signature],
+        lean_check: Callable[..., None],
+        args: tuple[Any, ...],
+        low_latency: bool = False,
+    ) -> None:
+        """Check a call's arguments: the full ``checks.<op>`` (with validation, agreed
+        across ranks), or only its ``checks.<op>_lean`` part when the native op checks the
+        tensors itself (:meth:`_lean`)."""
+        if self._lean():
+            self._ensure_alive()
+            lean_check(self, *args)
+        else:
+            self._checked(what, check, (self, *args), low_latency)
+
     def _run_normal(
         self,
         fn: Callable[..., Any],
@@ -355,13 +387,12 @@ class Buffer:
         int32 (None on one node), ``num_tokens_per_expert`` [E] int32,
         ``is_token_in_rank`` [T, R] bool, and an event.
         """
-        if self._lean():
-            self._ensure_alive()
-            checks.get_dispatch_layout_lean(self, num_experts)
-        else:
-            self._checked(
-                "get_dispatch_layout", checks.get_dispatch_layout, (self, topk_idx, num_experts)
-            )
+        self._check(
+            "get_dispatch_layout",
+            checks.get_dispatch_layout,
+            checks.get_dispatch_layout_lean,
+            (topk_idx, num_experts),
+        )
         layout, event = self._run_normal(
             self.backend.get_dispatch_layout,
             (topk_idx, num_experts),
@@ -415,65 +446,35 @@ class Buffer:
         """
         config = config or self.get_dispatch_config(self.group_size)
         data, scales = val.split_fp8(x)
-        if self._lean():
-            self._ensure_alive()
-            checks.dispatch_lean(
-                self,
-                data,
-                handle,
-                (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx),
-                expert_alignment,
-                num_worst_tokens,
-            )
-        else:
-            self._checked(
-                "dispatch",
-                checks.dispatch,
-                (
-                    self,
-                    data,
-                    scales,
-                    handle,
-                    num_tokens_per_rank,
-                    num_tokens_per_rdma_rank,
-                    is_token_in_rank,
-                    num_tokens_per_expert,
-                    topk_idx,
-                    topk_weights,
-                    expert_alignment,
-                    num_worst_tokens,
-                    config,
-                ),
-            )
-        if handle is not None:  # cached: the handle stands for the layout and top-k
-            layout, send_idx, send_weights = None, None, None
-            # The original's shapes, num_worst_tokens padding included.
-            num_experts, worst = handle.num_experts, handle.num_worst_tokens
+        cached = handle is not None  # the handle stands for the layout and top-k
+        req = DispatchRequest(
+            data,
+            scales,
+            None if cached else topk_idx,
+            None if cached else topk_weights,
+            None
+            if cached
+            else Layout(
+                num_tokens_per_rank,  # type: ignore[arg-type] (checked: not None)
+                num_tokens_per_rdma_rank,
+                num_tokens_per_expert,  # type: ignore[arg-type]
+                is_token_in_rank,  # type: ignore[arg-type]
+            ),
+            handle,
+            _num_experts(handle, num_tokens_per_expert),
+            expert_alignment,
+            num_worst_tokens,
+            config,
+        )
+        self._check("dispatch", checks.dispatch, checks.dispatch_lean, (req,))
+        if cached:  # the original's shapes, num_worst_tokens padding included
+            req.num_worst_tokens = handle.num_worst_tokens
         else:
             self._dispatches += 1
-            layout = Layout(
-                num_tokens_per_rank,
-                num_tokens_per_rdma_rank,
-                num_tokens_per_expert,
-                is_token_in_rank,
-            )
-            send_idx, send_weights = topk_idx, topk_weights
-            num_experts, worst = int(num_tokens_per_expert.shape[0]), num_worst_tokens
         generation = self._dispatches
         result, event = self._run_normal(
             self.backend.dispatch,
-            (
-                data,
-                scales,
-                send_idx,
-                send_weights,
-                layout,
-                handle,
-                num_experts,
-                expert_alignment,
-                worst,
-                config,
-            ),
+            (req,),
             previous_event,
             async_finish,
             allocate_on_comm_stream,
@@ -517,16 +518,11 @@ class Buffer:
             biases = (bias,)
         elif bias is not None:
             biases = tuple(b for b in bias if b is not None)
-        if self._lean():
-            self._ensure_alive()
-            checks.combine_lean(self, x, handle, topk_weights)
-        else:
-            self._checked(
-                "combine", checks.combine, (self, x, handle, topk_weights, biases, config)
-            )
+        req = CombineRequest(x, handle, topk_weights, biases, config)
+        self._check("combine", checks.combine, checks.combine_lean, (req,))
         (combined, weights), event = self._run_normal(
             self.backend.combine,
-            (x, handle, topk_weights, biases, config),
+            (req,),
             previous_event,
             async_finish,
             allocate_on_comm_stream,
@@ -558,49 +554,33 @@ class Buffer:
         ``recv_count`` [E_local] int32 counts them. With ``return_recv_hook`` the call only
         sends; ``hook()`` completes the receive.
         """
-        max_tokens = num_max_dispatch_tokens_per_rank
-        stats = cumulative_local_expert_recv_stats
-        if self._lean():  # the native op checks the tensors (same errors)
-            self._ensure_alive()
-            checks.low_latency_dispatch_lean(self)
-        else:
-            self._checked(
-                "low_latency_dispatch",
-                checks.low_latency_dispatch,
-                (
-                    self,
-                    x,
-                    topk_idx,
-                    max_tokens,
-                    num_experts,
-                    stats,
-                    use_fp8,
-                    round_scale,
-                    use_ue8m0,
-                    return_recv_hook,
-                ),
-                low_latency=True,
-            )
-        if return_recv_hook and async_finish:
-            raise ValueError("return_recv_hook and async_finish cannot both be set")
-        args = (
+        req = LowLatencyDispatchRequest(
             x,
             topk_idx,
-            max_tokens,
+            num_max_dispatch_tokens_per_rank,
             num_experts,
             use_fp8,
             round_scale,
             use_ue8m0,
-            stats,
+            cumulative_local_expert_recv_stats,
             return_recv_hook,
         )
+        self._check(
+            "low_latency_dispatch",
+            checks.low_latency_dispatch,
+            checks.low_latency_dispatch_lean,
+            (req,),
+            low_latency=True,
+        )
+        if return_recv_hook and async_finish:
+            raise ValueError("return_recv_hook and async_finish cannot both be set")
         ll = self._ll
         if async_finish:  # on the comm stream, with an event
             result, event = self._streams.run(
-                ll.dispatch, args, None, True, False, (x, topk_idx), _ll_dispatch_outputs
+                ll.dispatch, (req,), None, True, False, (x, topk_idx), _ll_dispatch_outputs
             )
         else:  # on the current stream, as in DeepEP: CUDA-graph capturable, an empty event
-            result, event = ll.dispatch(*args), EventOverlap(None)
+            result, event = ll.dispatch(req), EventOverlap(None)
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
         hook = ll.after_dispatch(result, topk_idx, self.validate)
         if hook is not None:
@@ -627,42 +607,26 @@ class Buffer:
         data was written into :meth:`get_next_low_latency_combine_buffer`). Returns
         ``(combined_x [T, H] bf16, event, hook)``.
         """
-        if self._lean():  # the native op checks the tensors (same errors)
-            self._ensure_alive()
-            checks.low_latency_combine_lean(self, topk_idx, handle, use_logfmt)
-        else:
-            self._checked(
-                "low_latency_combine",
-                checks.low_latency_combine,
-                (
-                    self,
-                    x,
-                    topk_idx,
-                    topk_weights,
-                    handle,
-                    use_logfmt,
-                    zero_copy,
-                    return_recv_hook,
-                    out,
-                ),
-                low_latency=True,
-            )
+        req = LowLatencyCombineRequest(
+            x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook
+        )
+        self._check(
+            "low_latency_combine",
+            checks.low_latency_combine,
+            checks.low_latency_combine_lean,
+            (req, use_logfmt),
+            low_latency=True,
+        )
         if return_recv_hook and async_finish:
             raise ValueError("return_recv_hook and async_finish cannot both be set")
-        args = (x, topk_idx, topk_weights, handle, zero_copy, out, return_recv_hook)
         ll = self._ll
         if async_finish:  # on the comm stream, with an event
             (combined, hook), event = self._streams.run(
-                ll.combine,
-                args,
-                None,
-                True,
-                False,
-                (x, topk_idx, topk_weights),
+                ll.combine, (req,), None, True, False, (x, topk_idx, topk_weights),
                 _ll_combine_outputs,
-            )
+            )  # fmt: skip
         else:  # on the current stream, as in DeepEP: CUDA-graph capturable, an empty event
-            (combined, hook), event = ll.combine(*args), EventOverlap(None)
+            (combined, hook), event = ll.combine(req), EventOverlap(None)
         hook = ll.after_combine(hook)
         if hook is not None:
             hook = self._guard_hook(hook)

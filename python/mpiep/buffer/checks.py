@@ -18,9 +18,14 @@ import torch
 from mpiep import config as cfg
 from mpiep import handle_checks as hc
 from mpiep import validate as val
-from mpiep.config import Config
+from mpiep.backends.base import (
+    CombineRequest,
+    DispatchRequest,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+)
 from mpiep.errors import CapacityError
-from mpiep.handles import DispatchHandle, LowLatencyHandle
+from mpiep.handles import DispatchHandle
 
 if TYPE_CHECKING:  # type only: the checks take the Buffer whose call they check
     from mpiep.buffer.api import Buffer
@@ -44,27 +49,28 @@ def get_dispatch_layout(buf: Buffer, topk_idx: torch.Tensor, num_experts: int) -
     )
 
 
-def get_dispatch_layout_lean(buf: Buffer, num_experts: int) -> None:
+def get_dispatch_layout_lean(buf: Buffer, topk_idx: Any, num_experts: int) -> None:
     """Without validation on a backend whose ops check their tensors (``native_checks``):
     only what the op cannot see. The same holds for the other ``*_lean`` checks."""
     val.check_num_experts(num_experts, buf.group_size)
 
 
-def dispatch_lean(
-    buf: Buffer,
-    data: Any,
-    handle: DispatchHandle | None,
-    layout: tuple[torch.Tensor | None, ...],
-    expert_alignment: int,
-    num_worst_tokens: int,
-) -> None:
+def dispatch_lean(buf: Buffer, req: DispatchRequest) -> None:
+    data, handle = req.x, req.handle
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(data).__name__}")
-    _dispatch_ints(expert_alignment, num_worst_tokens)
+    _dispatch_ints(req.expert_alignment, req.num_worst_tokens)
     if handle is not None:
-        _cached_dispatch_handle(buf, handle, data, num_worst_tokens)
+        _cached_dispatch_handle(buf, handle, data, req.num_worst_tokens)
         return
-    _require_layout(layout)
+    _require_layout(_layout_tensors(req))
+
+
+def _layout_tensors(req: DispatchRequest) -> tuple[Any, ...]:
+    """A new dispatch's layout tensors and top-k, in ``_LAYOUT_NAMES`` order."""
+    lay = req.layout
+    assert lay is not None  # Buffer builds one whenever there is no handle
+    return (lay.num_tokens_per_rank, lay.is_token_in_rank, lay.num_tokens_per_expert, req.topk_idx)
 
 
 _LAYOUT_NAMES = ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx")
@@ -102,12 +108,8 @@ def _cached_dispatch_handle(
         )
 
 
-def combine_lean(
-    buf: Buffer,
-    x: Any,
-    handle: DispatchHandle,
-    topk_weights: torch.Tensor | None,
-) -> None:
+def combine_lean(buf: Buffer, req: CombineRequest) -> None:
+    x, handle, topk_weights = req.x, req.handle, req.topk_weights
     hc.check_dispatch_handle(handle, buf._id, buf.group_size)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -123,23 +125,12 @@ def combine_lean(
         raise ValueError(f"topk_weights must be a tensor with {rows} rows (the received rows)")
 
 
-def dispatch(
-    buf: Buffer,
-    data: Any,
-    scales: Any,
-    handle: DispatchHandle | None,
-    num_tokens_per_rank: torch.Tensor | None,
-    num_tokens_per_rdma_rank: torch.Tensor | None,
-    is_token_in_rank: torch.Tensor | None,
-    num_tokens_per_expert: torch.Tensor | None,
-    topk_idx: torch.Tensor | None,
-    topk_weights: torch.Tensor | None,
-    expert_alignment: int,
-    num_worst_tokens: int,
-    config: Config,
-) -> Signature:
+def dispatch(buf: Buffer, req: DispatchRequest) -> Signature:
     """``x`` (split into ``data``, ``scales``), then either the handle (cached mode) or the
     layout and top-k tensors."""
+    data, scales, handle, config = req.x, req.x_scales, req.handle, req.config
+    topk_idx, topk_weights = req.topk_idx, req.topk_weights
+    expert_alignment, num_worst_tokens = req.expert_alignment, req.num_worst_tokens
     device = buf.device
     val.check_tensor("x", data, X_DTYPES, 2, device)
     tokens, hidden = data.shape
@@ -159,7 +150,12 @@ def dispatch(
         handle_id = f"dispatch #{handle.generation}"
         num_experts = handle.num_experts
     else:
-        _require_layout((num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx))
+        _require_layout(_layout_tensors(req))
+        assert req.layout is not None and topk_idx is not None
+        lay = req.layout
+        num_tokens_per_rank, is_token_in_rank = lay.num_tokens_per_rank, lay.is_token_in_rank
+        num_tokens_per_expert = lay.num_tokens_per_expert
+        num_tokens_per_rdma_rank = lay.num_tokens_per_rdma_rank
         val.check_tensor("topk_idx", topk_idx, torch.int64, 2, device, (tokens, None))
         num_topk = topk_idx.shape[1]
         if topk_weights is not None:
@@ -204,14 +200,14 @@ def dispatch(
     )
 
 
-def combine(
-    buf: Buffer,
-    x: torch.Tensor,
-    handle: DispatchHandle,
-    topk_weights: torch.Tensor | None,
-    biases: tuple[torch.Tensor, ...],
-    config: Config,
-) -> Signature:
+def combine(buf: Buffer, req: CombineRequest) -> Signature:
+    x, handle, topk_weights, biases, config = (
+        req.x,
+        req.handle,
+        req.topk_weights,
+        req.bias,
+        req.config,
+    )
     hc.check_dispatch_handle(handle, buf._id, buf.group_size)
     device = buf.device
     rows = handle.num_output_rows
@@ -253,18 +249,12 @@ def low_latency_capacity(buf: Buffer, max_tokens: int, hidden: int, num_experts:
     buf._ll_fits.add(key)
 
 
-def low_latency_dispatch(
-    buf: Buffer,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    max_tokens: int,
-    num_experts: int,
-    cumulative_local_expert_recv_stats: torch.Tensor | None,
-    use_fp8: bool,
-    round_scale: bool,
-    use_ue8m0: bool,
-    return_recv_hook: bool,
-) -> Signature:
+def low_latency_dispatch(buf: Buffer, req: LowLatencyDispatchRequest) -> Signature:
+    x, topk_idx, num_experts = req.x, req.topk_idx, req.num_experts
+    max_tokens = req.num_max_dispatch_tokens_per_rank
+    cumulative_local_expert_recv_stats = req.cumulative_local_expert_recv_stats
+    use_fp8, round_scale, use_ue8m0 = req.use_fp8, req.round_scale, req.use_ue8m0
+    return_recv_hook = req.return_recv_hook
     device = buf.device
     val.check_tensor("x", x, BF16, 2, device)
     tokens, hidden = x.shape
@@ -307,16 +297,15 @@ def low_latency_dispatch(
     )
 
 
-def low_latency_dispatch_lean(buf: Buffer) -> None:
+def low_latency_dispatch_lean(buf: Buffer, req: LowLatencyDispatchRequest) -> None:
     """Without validation on a backend whose op checks its tensors (``native_checks``): only
     what the native op cannot see. The decode hot path: no tensor property is read here."""
     buf._hooks.check_free("dispatch")
 
 
-def low_latency_combine_lean(
-    buf: Buffer, topk_idx: torch.Tensor, handle: LowLatencyHandle, use_logfmt: bool
-) -> None:
+def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_logfmt: bool) -> None:
     """As :func:`low_latency_dispatch_lean`, for combine: the handle and hook rules."""
+    topk_idx, handle = req.topk_idx, req.handle
     hc.check_low_latency_handle(handle, buf._id, buf.group_size)
     hc.check_received(handle)
     if use_logfmt:
@@ -327,17 +316,9 @@ def low_latency_combine_lean(
     buf._hooks.check_free("combine")
 
 
-def low_latency_combine(
-    buf: Buffer,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    handle: LowLatencyHandle,
-    use_logfmt: bool,
-    zero_copy: bool,
-    return_recv_hook: bool,
-    out: torch.Tensor | None,
-) -> Signature:
+def low_latency_combine(buf: Buffer, req: LowLatencyCombineRequest, use_logfmt: bool) -> Signature:
+    x, topk_idx, topk_weights, handle = req.x, req.topk_idx, req.topk_weights, req.handle
+    zero_copy, return_recv_hook, out = req.zero_copy, req.return_recv_hook, req.out
     num_ranks = buf.group_size
     hc.check_low_latency_handle(handle, buf._id, num_ranks)
     hc.check_received(handle)

@@ -5,7 +5,8 @@
 * Handle stamps: which Buffer, which dispatch, how many ranks, which mask epoch; the
   checks of ``low_latency_combine`` read them (``mpiep.handle_checks``).
 * Receive-hook tickets (``mpiep.hooks.HookTracker``): the GPU engine's double-buffering
-  rules, kept the same way for every backend.
+  rules, the same for every backend. A backend with a ``hook_tracker`` (the GPU engine,
+  whose buffers are the slots) applies them itself; for the others they are applied here.
 * Routing: to the backend, or through the rank mask (``mpiep.shrink``) with
   ``enable_shrink``.
 """
@@ -18,7 +19,12 @@ from typing import Any
 import torch
 
 from mpiep import handle_checks as hc
-from mpiep.backends.base import Backend, LowLatencyDispatchResult
+from mpiep.backends.base import (
+    Backend,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.comm import Communicator
 from mpiep.handles import LowLatencyHandle
 from mpiep.hooks import HookTracker
@@ -31,7 +37,16 @@ class LowLatencyCalls:
     """The low-latency state of one Buffer. It holds no reference to the Buffer (a cycle
     would delay ``Buffer.__del__``, which frees communicators)."""
 
-    __slots__ = ("backend", "buffer_id", "dispatches", "epoch", "hooks", "num_ranks", "shrink")
+    __slots__ = (
+        "backend",
+        "backend_hooks",
+        "buffer_id",
+        "dispatches",
+        "epoch",
+        "hooks",
+        "num_ranks",
+        "shrink",
+    )
 
     def __init__(
         self,
@@ -44,15 +59,17 @@ class LowLatencyCalls:
         self.backend = backend
         self.shrink = shrink
         self.hooks = hooks
+        # The backend issues the tickets and binds its hooks to them (``hooks`` is its own).
+        self.backend_hooks = getattr(backend, "hook_tracker", None) is hooks
         self.buffer_id = buffer_id
         self.num_ranks = num_ranks
         self.dispatches = 0  # low-latency dispatch calls in this mask epoch
         self.epoch = 0  # the rank mask's epoch those calls ran in
 
     # -- dispatch -----------------------------------------------------------------------
-    def dispatch(self, *args: Any) -> LowLatencyDispatchResult:
-        """Count the call, send it (``Backend.low_latency_dispatch``'s arguments) and stamp
-        its handle. Runs on whichever stream the Buffer picked."""
+    def dispatch(self, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """Count the call, send it and stamp its handle. Runs on whichever stream the
+        Buffer picked."""
         shrink = self.shrink
         epoch = 0 if shrink is None else shrink.mask.epoch
         if epoch != self.epoch:  # ranks masked out meanwhile missed calls: count afresh
@@ -60,9 +77,9 @@ class LowLatencyCalls:
         self.dispatches += 1
         generation = self.dispatches
         if shrink is None:
-            result = self.backend.low_latency_dispatch(*args)
+            result = self.backend.low_latency_dispatch(req)
         else:
-            result = shrink.dispatch(self.backend, *args)
+            result = shrink.dispatch(self.backend, req)
         handle = result.handle
         handle.owner, handle.generation, handle.num_ranks = (
             self.buffer_id,
@@ -80,21 +97,27 @@ class LowLatencyCalls:
         handle = result.handle
         hc.record_dispatched_topk(handle, topk_idx, copy=keep_topk_copy)
         hook = result.hook
+        if self.backend_hooks:  # issued and bound by the backend (handle.ticket)
+            if hook is not None and self.shrink is not None:
+                return _settles(handle.ticket, hook)
+            return hook
         ticket = handle.ticket = self.hooks.issue("dispatch", hook is not None)
         if hook is not None and ticket is not None:
             return self.hooks.wrap(ticket, hook)
         return None
 
     # -- combine ------------------------------------------------------------------------
-    def combine(self, *args: Any) -> tuple[torch.Tensor, Hook | None]:
-        """Send ``Backend.low_latency_combine``'s arguments to the backend or the mask."""
+    def combine(self, req: LowLatencyCombineRequest) -> tuple[torch.Tensor, Hook | None]:
+        """Send the combine to the backend, or through the rank mask."""
         shrink = self.shrink
         if shrink is None:
-            return self.backend.low_latency_combine(*args)
-        return shrink.combine(self.backend, *args)
+            return self.backend.low_latency_combine(req)
+        return shrink.combine(self.backend, req)
 
     def after_combine(self, hook: Hook | None) -> Hook | None:
         """Take the combine hook slot; returns the hook the caller gets."""
+        if self.backend_hooks:
+            return hook
         ticket = self.hooks.issue("combine", hook is not None)
         if ticket is not None and hook is not None:
             return self.hooks.wrap(ticket, hook)
@@ -116,4 +139,18 @@ class LowLatencyCalls:
             shrink.clean(self.backend, max_tokens, hidden, num_experts)
         else:
             self.backend.clean_low_latency_buffer(max_tokens, hidden, num_experts)
-        self.hooks.clean()
+        if not self.backend_hooks:  # the backend's clean cleaned its own
+            self.hooks.clean()
+
+
+def _settles(ticket: Any, hook: Hook) -> Hook:
+    """With rank masking a receive that timed out is recovered around the backend's hook
+    (``Shrink._recovering``), which then never marks its ticket: mark it here, so that
+    combine takes the handle."""
+
+    def receive() -> None:
+        hook()
+        if ticket is not None:
+            ticket.called = True
+
+    return receive

@@ -12,16 +12,23 @@ from collections.abc import Callable
 
 import torch
 
-from mpiep.backends.base import DispatchResult, Layout, LowLatencyDispatchResult
+from mpiep.backends.base import (
+    CombineRequest,
+    DispatchRequest,
+    DispatchResult,
+    Layout,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.backends.layout import compute_layout
 from mpiep.backends.reference import low_latency, normal
 from mpiep.backends.reference.exchange import Exchange
 from mpiep.backends.reference.hooks import HookSlots
 from mpiep.backends.reference.host_cache import host_cache
 from mpiep.comm import Communicator
-from mpiep.config import Config
 from mpiep.errors import MpiepError
-from mpiep.handles import DispatchHandle, LowLatencyHandle
+from mpiep.handles import LowLatencyHandle
 
 
 class ReferenceBackend:
@@ -71,84 +78,26 @@ class ReferenceBackend:
         return compute_layout(topk_idx, num_experts, self.comm.size, self.comm.local_size)
 
     # -- normal mode -------------------------------------------------------------------
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: torch.Tensor | None,
-        topk_idx: torch.Tensor | None,
-        topk_weights: torch.Tensor | None,
-        layout: Layout | None,
-        handle: DispatchHandle | None,
-        num_experts: int,
-        expert_alignment: int,
-        num_worst_tokens: int,
-        config: Config,
-    ) -> DispatchResult:
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
         self.check_usable()
-        return normal.dispatch(
-            self,
-            x,
-            x_scales,
-            topk_idx,
-            topk_weights,
-            layout,
-            handle,
-            num_experts,
-            expert_alignment,
-            num_worst_tokens,
-        )
+        return normal.dispatch(self, req)
 
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: DispatchHandle,
-        topk_weights: torch.Tensor | None,
-        bias: tuple[torch.Tensor, ...],
-        config: Config,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def combine(self, req: CombineRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_usable()
-        return normal.combine(self, x, handle, topk_weights, bias)
+        return normal.combine(self, req)
 
     # -- low-latency mode --------------------------------------------------------------
-    def low_latency_dispatch(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        use_fp8: bool,
-        round_scale: bool,
-        use_ue8m0: bool,
-        cumulative_local_expert_recv_stats: torch.Tensor | None,
-        return_recv_hook: bool,
-    ) -> LowLatencyDispatchResult:
+    def low_latency_dispatch(self, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
         self.check_usable()
-        return low_latency.dispatch(
-            self,
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            cumulative_local_expert_recv_stats,
-            return_recv_hook,
-        )
+        return low_latency.dispatch(self, req)
 
     def low_latency_combine(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: LowLatencyHandle,
-        zero_copy: bool,
-        out: torch.Tensor | None,
-        return_recv_hook: bool,
+        self, req: LowLatencyCombineRequest
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         self.check_usable()
-        y = self._ll_combine_buffer if zero_copy and self._ll_combine_buffer is not None else x
-        return low_latency.combine(self, y, topk_idx, topk_weights, handle, out, return_recv_hook)
+        buffer = self._ll_combine_buffer
+        y = buffer if req.zero_copy and buffer is not None else req.x
+        return low_latency.combine(self, req, y)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         self.check_usable()

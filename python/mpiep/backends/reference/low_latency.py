@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mpiep.backends.base import LowLatencyDispatchResult
+from mpiep.backends.base import (
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
 from mpiep.backends.reference.fused import cast_to_fp8
 from mpiep.backends.reference.host_cache import host_empty
 from mpiep.backends.reference.ll_in_place import dispatch_in_place
@@ -42,18 +46,11 @@ if TYPE_CHECKING:
 IN_PLACE = True  # CPU dispatch rows moved in place by Ialltoallw (tests also run without)
 
 
-def dispatch(
-    backend: ReferenceBackend,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    max_tokens: int,
-    num_experts: int,
-    use_fp8: bool,
-    round_scale: bool,
-    use_ue8m0: bool,
-    stats: torch.Tensor | None,
-    return_recv_hook: bool,
-) -> LowLatencyDispatchResult:
+def dispatch(backend: ReferenceBackend, req: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+    x, topk_idx, num_experts = req.x, req.topk_idx, req.num_experts
+    max_tokens, stats = req.num_max_dispatch_tokens_per_rank, req.cumulative_local_expert_recv_stats
+    use_fp8, round_scale, use_ue8m0 = req.use_fp8, req.round_scale, req.use_ue8m0
+    return_recv_hook = req.return_recv_hook
     comm, device = backend.comm, backend.device
     num_ranks, rank = comm.size, comm.rank
     epr = num_experts // num_ranks
@@ -157,14 +154,11 @@ def dispatch(
 
 
 def combine(
-    backend: ReferenceBackend,
-    y: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    handle: LowLatencyHandle,
-    out: torch.Tensor | None,
-    return_recv_hook: bool,
+    backend: ReferenceBackend, req: LowLatencyCombineRequest, y: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """``y``: the rows to combine (``req.x``, or the backend's buffer with zero_copy)."""
+    topk_idx, topk_weights, handle = req.topk_idx, req.topk_weights, req.handle
+    out, return_recv_hook = req.out, req.return_recv_hook
     comm, device = backend.comm, backend.device
     num_ranks = comm.size
     epr = handle.num_experts // num_ranks

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpiep.backends.base import DispatchResult, Layout
+from mpiep.backends.base import CombineRequest, DispatchRequest, DispatchResult
 from mpiep.backends.reference import datatypes as dt
 from mpiep.backends.reference.exchange import Exchange, as_numpy
 from mpiep.backends.reference.fused import gather_sum
@@ -140,18 +140,10 @@ def check_handles(matrix: np.ndarray, expected: np.ndarray, what: str) -> None:
         )
 
 
-def dispatch(
-    backend: ReferenceBackend,
-    x: torch.Tensor,
-    x_scales: torch.Tensor | None,
-    topk_idx: torch.Tensor | None,
-    topk_weights: torch.Tensor | None,
-    layout: Layout | None,
-    handle: DispatchHandle | None,
-    num_experts: int,
-    expert_alignment: int,
-    num_worst_tokens: int,
-) -> DispatchResult:
+def dispatch(backend: ReferenceBackend, req: DispatchRequest) -> DispatchResult:
+    x, x_scales, topk_idx, topk_weights = req.x, req.x_scales, req.topk_idx, req.topk_weights
+    layout, handle, num_experts = req.layout, req.handle, req.num_experts
+    expert_alignment, num_worst_tokens = req.expert_alignment, req.num_worst_tokens
     comm, device = backend.comm, backend.device
     num_ranks, rank = comm.size, comm.rank
     experts_per_rank = num_experts // num_ranks
@@ -277,12 +269,9 @@ def dispatch(
 
 
 def combine(
-    backend: ReferenceBackend,
-    x: torch.Tensor,
-    handle: DispatchHandle,
-    topk_weights: torch.Tensor | None,
-    bias: tuple[torch.Tensor, ...],
+    backend: ReferenceBackend, req: CombineRequest
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, handle, topk_weights, bias = req.x, req.handle, req.topk_weights, req.bias
     comm, device = backend.comm, backend.device
     num_ranks = comm.size
     num_recv, hidden = handle.num_recv_tokens, handle.hidden
