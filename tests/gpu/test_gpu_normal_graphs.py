@@ -233,3 +233,65 @@ def test_cached_dispatch_and_combine_replay(group: str, pattern: str) -> None:
         if comm is not WORLD:
             comm.Free()
     agree(problems)
+
+
+def test_plain_dispatch_capture_says_why() -> None:
+    """A dispatch without a handle or num_worst_tokens waits on the host for the counts, so
+    it cannot be captured: the op says so (not a timeout or a bare CUDA error), and the
+    Buffer and the GPU stay usable (a cached dispatch still returns the oracle's rows)."""
+    dev = device()
+    torch.cuda.set_device(dev)
+    R, me = WORLD.size, WORLD.rank
+    E = 16 * R
+    rng = np.random.default_rng(4242 + me)
+    idx_np, w_np = oracle.make_routing(rng, T, K, E, R, me, "random")
+    recv = oracle.normal_dispatch(WORLD.allgather(idx_np), WORLD.allgather(w_np), E, me)
+    idx, w = torch.from_numpy(idx_np).to(dev), torch.from_numpy(w_np).to(dev)
+    buf = Buffer(
+        WORLD,
+        num_nvl_bytes=get_normal_buffer_size_hint(T, H, R, K),
+        backend="cuda",
+        validate=False,
+        device=dev,
+    )
+    problems: list[str] = []
+    try:
+        x = new_x(99 + me, dev)
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        layout = dict(
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            topk_weights=w,
+        )
+        handle = buf.dispatch(x, **layout)[4]
+        torch.cuda.synchronize()
+        graph, raised = torch.cuda.CUDAGraph(), None
+        WORLD.Barrier()
+        try:
+            with torch.cuda.graph(graph):
+                buf.dispatch(x, **layout)
+        except Exception as exc:
+            raised = exc
+        del graph
+        torch.cuda.synchronize()
+        chain, e = [], raised
+        while e is not None:  # torch's capture_end may raise over the op's error
+            chain.append(str(e))
+            e = e.__context__
+        if raised is None:
+            problems.append("capturing a plain dispatch did not raise")
+        elif not any("cannot be captured in a CUDA graph" in m for m in chain):
+            problems.append(f"unclear error: {chain}")
+        WORLD.Barrier()
+        again = buf.dispatch(x, handle=handle)[0]
+        torch.cuda.synchronize()
+        if not np.array_equal(bits(again), recv.rows(WORLD.allgather(bits(x)))):
+            problems.append("after the failed capture: cached dispatch differs from the oracle")
+    except Exception as exc:  # reported through agree() so that no rank hangs
+        problems.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        buf.destroy()
+    agree(problems)
