@@ -137,11 +137,7 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       num_out = worst;  // no host wait
       fwd_rows = L * worst;
     } else {
-      try {
-        rt.wait_notify(token, stream);
-      } catch (const Error&) {
-        rethrow_host_wait_error(stream);
-      }
+      rt.wait_notify(token, stream);
       out.host_counts = rt.status();
       num_out = out.host_counts[kNumRecv];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));

@@ -142,11 +142,7 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     if (worst > 0) {
       num_out = worst;  // no host wait: the counts stay on the GPU
     } else {
-      try {
-        rt.wait_notify(token, stream);
-      } catch (const Error&) {
-        rethrow_host_wait_error(stream);
-      }
+      rt.wait_notify(token, stream);
       out.host_counts = rt.count_matrix();
       const auto recv = matrix_rows(out.host_counts, R, true);
       check_fit(recv, row_bytes, rt.row_area_bytes(), "dispatch");

@@ -151,22 +151,6 @@ inline at::Tensor column_view(const at::Tensor& m, int64_t col) {
   return t;
 }
 
-// A host wait of normal dispatch failed: when `stream` is being captured into a CUDA graph,
-// say why (the wait polls a counter no kernel updates during capture, then queries the stream,
-// which capture forbids) instead of the runtime's generic error; otherwise rethrow.
-[[noreturn]] inline void rethrow_host_wait_error(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess &&
-      status != cudaStreamCaptureStatusNone) {
-    (void)cudaGetLastError();  // the stream query's error, which is not the caller's to see
-    bad_arg(
-        "dispatch: cannot be captured in a CUDA graph without a handle (cached dispatch) or "
-        "num_worst_tokens: it waits on the host for the notify kernel's counts to size its "
-        "outputs");
-  }
-  throw;
-}
-
 // Normal dispatch sizes the handle's per-row tensors before the notify for the most rows the
 // buffers hold, to save an allocation after the host wait; past this many bytes it allocates
 // them after the wait instead (huge buffers with small rows).
