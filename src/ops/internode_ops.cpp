@@ -59,8 +59,9 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   InternodeRuntime& rt = runtime_at(runtime);
   const Topology& tp = rt.topology();
   const int R = tp.num_ranks, N = tp.num_nodes, L = tp.local_ranks;
-  check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, N, rt.device());
-  const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
+  const int64_t hidden_bytes =
+      check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, N, rt.device());
+  const int64_t T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const int num_topk = (!cached && topk_idx) ? static_cast<int>(topk_idx->size(1)) : 0;
@@ -69,9 +70,24 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const HopGuard guard(hop, dev);
   const cudaStream_t stream = guard.stream();
 
+  const int64_t nvl_row =
+      nvl_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
+  const int64_t rdma_row =
+      rdma_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk, L);
+
+  // Two allocations (each at::empty costs ~2 us of host time; see DispatchOut): what the
+  // handle keeps, made before the notify (which writes it), and the outputs, made once
+  // their size is known. fwd_pos and recv_src_idx go with the handle's part (carved from
+  // the outputs they would pin recv_x), sized for the most rows they can need: from
+  // num_worst_tokens (a forwarder's rows are at most L x the rows any rank receives; the
+  // kernel checks capacity), or from what the NVLink and RDMA areas hold (check_fit below
+  // guarantees it; 4 bytes per row for every row of >= 32 bytes there; past
+  // kMaxEarlyTailBytes in a third allocation after the wait).
   DispatchOut out;
   std::vector<at::Tensor> state;
-  int64_t num_out = 0;
+  at::Tensor state_bytes;
+  int64_t num_out = 0, fwd_rows = 0, src_cap = 0, fwd_cap = 0, fwd_at = 0, src_at = 0;
+  bool early = false;
   if (cached) {
     state = routing.state;
     if (state.size() != kStateCount) bad_arg("handle: not an internode dispatch handle");
@@ -83,12 +99,26 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       bad_arg(
           "dispatch: needs the layout (num_tokens_per_rank, num_tokens_per_rdma_rank, "
           "num_tokens_per_expert, is_token_in_rank) or a handle");
+    const int64_t T1 = std::max<int64_t>(T, 1);
+    src_cap = worst > 0 ? worst : rt.nvl_row_bytes() / nvl_row;
+    fwd_cap = worst > 0 ? L * worst : std::max<int64_t>(rt.rdma_data_bytes() / rdma_row, 1);
+    ByteLayout st;
+    const int64_t slot_at = st.add(T * R * 4), node_slot_at = st.add(T * N * 4),
+                  node_token_at = st.add(N * T1 * 4),
+                  counts_at = st.add(int64_t(R) * (R + N + 1) * 4),
+                  tables_at = st.add(int64_t(table_layout(R, N, L).total) * 4);
+    early = worst > 0 || (fwd_cap * L + src_cap) * 4 <= kMaxEarlyTailBytes;
+    if (early) {
+      fwd_at = st.add(fwd_cap * L * 4);
+      src_at = st.add(src_cap * 4);
+    }
+    state_bytes = empty({st.total}, at::kByte, dev);
     state.resize(kStateCount);
-    state[kSendSlot] = empty({T, R}, at::kInt, dev);
-    state[kNodeSlot] = empty({T, N}, at::kInt, dev);
-    state[kNodeToken] = empty({N, std::max<int64_t>(T, 1)}, at::kInt, dev);
-    state[kCounts] = empty({R, R + N + 1}, at::kInt, dev);
-    state[kTables] = empty({table_layout(R, N, L).total}, at::kInt, dev);
+    state[kSendSlot] = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
+    state[kNodeSlot] = typed_slice(state_bytes, node_slot_at, {T, N}, at::kInt);
+    state[kNodeToken] = typed_slice(state_bytes, node_token_at, {N, T1}, at::kInt);
+    state[kCounts] = typed_slice(state_bytes, counts_at, {R, R + N + 1}, at::kInt);
+    state[kTables] = typed_slice(state_bytes, tables_at, {table_layout(R, N, L).total}, at::kInt);
     NotifyArgs a{};
     a.num_tokens_per_rank = ptr<const int>(*routing.num_tokens_per_rank);
     a.num_tokens_per_rdma_rank = ptr<const int>(*routing.num_tokens_per_rdma_rank);
@@ -104,35 +134,51 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     a.tables = ptr<int>(state[kTables]);
     const int64_t token = rt.notify(a, stream);
     if (worst > 0) {
-      // No host wait: the kernel checks capacity; a forwarder's rows are at most L x the rows
-      // any rank receives, which num_worst_tokens bounds.
-      num_out = worst;
-      state[kFwdPos] = empty({L * worst, L}, at::kInt, dev);
+      num_out = worst;  // no host wait
+      fwd_rows = L * worst;
     } else {
       rt.wait_notify(token, stream);
       out.host_counts = rt.status();
       num_out = out.host_counts[kNumRecv];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));
-      state[kFwdPos] = empty({std::max<int64_t>(out.host_counts[kRdmaRows], 1), L}, at::kInt, dev);
+      fwd_rows = std::max<int64_t>(out.host_counts[kRdmaRows], 1);
     }
   }
-  const int64_t nvl_row =
-      nvl_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
-  const int64_t rdma_row =
-      rdma_dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk, L);
   check_fit(rt, out.host_counts, kMaxRecv, nvl_row, kMaxRdmaRows, rdma_row, "dispatch");
   if (!out.host_counts.empty() && worst > 0 && out.host_counts[kMaxRecv] > worst) {
     throw Error(ErrorCode::kCapacity,
                 "dispatch: num_worst_tokens=" + std::to_string(worst) + " is below the " +
                     std::to_string(out.host_counts[kMaxRecv]) + " rows a rank receives");
   }
-  out.recv_x = at::empty({num_out, H}, x.options());
-  if (x_scales) out.recv_scales = empty({num_out, num_scales}, at::kFloat, dev);
-  if (num_topk) {
-    out.recv_topk_idx = empty({num_out, num_topk}, at::kLong, dev);
-    if (topk_weights) out.recv_topk_weights = empty({num_out, num_topk}, at::kFloat, dev);
+  if (!cached && !early) {
+    ByteLayout tail;
+    fwd_at = tail.add(fwd_rows * L * 4);
+    src_at = tail.add(num_out * 4);
+    state_bytes = empty({tail.total}, at::kByte, dev);
+  } else if (!cached && (num_out > src_cap || fwd_rows > fwd_cap)) {
+    bad_arg("dispatch: internal error, more rows than the buffers hold");
   }
-  out.recv_src_idx = empty({num_out}, at::kInt, dev);
+  if (!cached) {
+    state[kFwdPos] = typed_slice(state_bytes, fwd_at, {fwd_rows, L}, at::kInt);
+    out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
+  }
+  ByteLayout o;
+  const int64_t x_at = o.add(num_out * hidden_bytes);
+  const int64_t scales_at = x_scales ? o.add(num_out * num_scales * 4) : 0;
+  const int64_t idx_at = num_topk ? o.add(num_out * num_topk * 8) : 0;
+  const int64_t w_at = (num_topk && topk_weights) ? o.add(num_out * num_topk * 4) : 0;
+  // A cached dispatch's recv_src_idx is not kept (its handle has one): with the outputs.
+  const int64_t out_src_at = cached ? o.add(num_out * 4) : 0;
+  const at::Tensor out_bytes = empty({o.total}, at::kByte, dev);
+  out.recv_x = typed_slice(out_bytes, x_at, {num_out, H}, x.scalar_type());
+  if (x_scales)
+    out.recv_scales = typed_slice(out_bytes, scales_at, {num_out, num_scales}, at::kFloat);
+  if (num_topk) {
+    out.recv_topk_idx = typed_slice(out_bytes, idx_at, {num_out, num_topk}, at::kLong);
+    if (topk_weights)
+      out.recv_topk_weights = typed_slice(out_bytes, w_at, {num_out, num_topk}, at::kFloat);
+  }
+  if (cached) out.recv_src_idx = typed_slice(out_bytes, out_src_at, {num_out}, at::kInt);
   DispatchArgs a{};
   a.x = x.data_ptr();
   a.x_scales = ptr<const float>(x_scales);
@@ -159,6 +205,7 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   a.num_blocks = static_cast<int>(num_sms);
   rt.dispatch(a, stream);
   out.num_recv = worst > 0 ? -1 : num_out;
+  out.recv_per_src = column_view(state[kCounts], tp.rank);  // rows from each source rank
   out.state = std::move(state);
   return out;
 }
@@ -178,9 +225,7 @@ std::tuple<at::Tensor, OptTensor> internode_combine(int64_t runtime, const at::T
   check_fit(rt, host_counts, kMaxFwdRows, row, kMaxSendRows, row, "combine");
   const at::Device dev = x.device();
   const HopGuard guard(hop, dev);
-  at::Tensor out = empty({num_tokens, H}, at::kBFloat16, dev);
-  OptTensor out_w;
-  if (topk_weights) out_w = empty({num_tokens, K}, at::kFloat, dev);
+  auto [out, out_w] = combine_outputs(num_tokens, H, K, topk_weights.has_value(), dev);
   CombineArgs a{};
   a.x = x.data_ptr();
   a.topk_weights = ptr<const float>(topk_weights);

@@ -86,8 +86,9 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
                                int64_t hop) {
   IntranodeRuntime& rt = runtime_at(runtime);
   const int R = rt.num_ranks(), me = rt.rank();
-  check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, 1, rt.device());
-  const int64_t hidden_bytes = dispatch_row_bytes_of(x), T = x.size(0), H = x.size(1);
+  const int64_t hidden_bytes =
+      check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, routing, R, 1, rt.device());
+  const int64_t T = x.size(0), H = x.size(1);
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const at::Device dev = x.device();
@@ -99,6 +100,12 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       intranode::dispatch_row_bytes(static_cast<int>(hidden_bytes), num_scales, num_topk);
   if (worst > 0) check_fit({worst}, row_bytes, rt.row_area_bytes(), "dispatch (num_worst_tokens)");
 
+  // Two allocations (each at::empty costs ~2 us of host time; see DispatchOut): what the
+  // handle keeps, made before the notify (which writes it), and the outputs, made once
+  // their size is known. recv_src_idx goes with the handle's part (carved from the outputs
+  // it would pin recv_x), sized for the most rows this rank can receive: num_worst_tokens,
+  // or the rows the row area holds (check_fit guarantees it; 4 bytes for every >= 32 there;
+  // past kMaxEarlyTailBytes on its own after the wait).
   DispatchOut out;
   at::Tensor send_slot, count_matrix;
   int64_t num_out = 0;
@@ -114,8 +121,14 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       bad_arg(
           "dispatch: needs the layout (num_tokens_per_rank, num_tokens_per_expert, "
           "is_token_in_rank) or a handle");
-    send_slot = empty({T, R}, at::kInt, dev);
-    count_matrix = empty({R, R + 1}, at::kInt, dev);
+    const int64_t src_cap = worst > 0 ? worst : rt.row_area_bytes() / row_bytes;
+    const bool early = worst > 0 || src_cap * 4 <= kMaxEarlyTailBytes;
+    ByteLayout st;
+    const int64_t slot_at = st.add(T * R * 4), matrix_at = st.add(int64_t(R) * (R + 1) * 4),
+                  src_at = early ? st.add(src_cap * 4) : 0;
+    const at::Tensor state_bytes = empty({st.total}, at::kByte, dev);
+    send_slot = typed_slice(state_bytes, slot_at, {T, R}, at::kInt);
+    count_matrix = typed_slice(state_bytes, matrix_at, {R, R + 1}, at::kInt);
     intranode::NotifyArgs a{};
     a.num_tokens_per_rank = ptr<const int>(*routing.num_tokens_per_rank);
     a.num_tokens_per_expert = ptr<const int>(*routing.num_tokens_per_expert);
@@ -136,14 +149,30 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
       num_out = recv[me];
       out.expert_counts = rt.recv_per_expert(static_cast<int>(num_experts / R));
     }
+    if (!early) {
+      out.recv_src_idx = empty({num_out}, at::kInt, dev);
+    } else {
+      if (num_out > src_cap) bad_arg("dispatch: internal error, more rows than the buffer holds");
+      out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
+    }
   }
-  out.recv_x = at::empty({num_out, H}, x.options());
-  if (x_scales) out.recv_scales = empty({num_out, num_scales}, at::kFloat, dev);
+  ByteLayout o;
+  const int64_t x_at = o.add(num_out * hidden_bytes);
+  const int64_t scales_at = x_scales ? o.add(num_out * num_scales * 4) : 0;
+  const int64_t idx_at = num_topk ? o.add(num_out * num_topk * 8) : 0;
+  const int64_t w_at = (num_topk && topk_weights) ? o.add(num_out * num_topk * 4) : 0;
+  // A cached dispatch's recv_src_idx is not kept (its handle has one): with the outputs.
+  const int64_t out_src_at = cached ? o.add(num_out * 4) : 0;
+  const at::Tensor out_bytes = empty({o.total}, at::kByte, dev);
+  out.recv_x = typed_slice(out_bytes, x_at, {num_out, H}, x.scalar_type());
+  if (x_scales)
+    out.recv_scales = typed_slice(out_bytes, scales_at, {num_out, num_scales}, at::kFloat);
   if (num_topk) {
-    out.recv_topk_idx = empty({num_out, num_topk}, at::kLong, dev);
-    if (topk_weights) out.recv_topk_weights = empty({num_out, num_topk}, at::kFloat, dev);
+    out.recv_topk_idx = typed_slice(out_bytes, idx_at, {num_out, num_topk}, at::kLong);
+    if (topk_weights)
+      out.recv_topk_weights = typed_slice(out_bytes, w_at, {num_out, num_topk}, at::kFloat);
   }
-  out.recv_src_idx = empty({num_out}, at::kInt, dev);
+  if (cached) out.recv_src_idx = typed_slice(out_bytes, out_src_at, {num_out}, at::kInt);
   intranode::DispatchArgs a{};
   a.x = x.data_ptr();
   a.x_scales = ptr<const float>(x_scales);
@@ -166,6 +195,7 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   a.num_channels = static_cast<int>(num_sms / 2);
   rt.dispatch(a, stream);
   out.num_recv = worst > 0 ? -1 : num_out;
+  out.recv_per_src = column_view(count_matrix, me);  // rows from each source (matrix rows)
   out.state = {send_slot, count_matrix};
   return out;
 }
@@ -185,9 +215,7 @@ std::tuple<at::Tensor, OptTensor> intranode_combine(
     check_fit(matrix_rows(host_counts, R, false), row_bytes, rt.row_area_bytes(), "combine");
   const at::Device dev = x.device();
   const HopGuard guard(hop, dev);
-  at::Tensor out = empty({num_tokens, H}, at::kBFloat16, dev);
-  OptTensor out_w;
-  if (topk_weights) out_w = empty({num_tokens, K}, at::kFloat, dev);
+  auto [out, out_w] = combine_outputs(num_tokens, H, K, topk_weights.has_value(), dev);
   intranode::CombineArgs a{};
   a.x = x.data_ptr();
   a.topk_weights = ptr<const float>(topk_weights);

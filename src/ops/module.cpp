@@ -26,7 +26,7 @@ py::object opt(const OptTensor& t) { return t ? py::cast(*t) : py::none(); }
 py::tuple dispatch_tuple(const DispatchOut& o) {
   return py::make_tuple(o.recv_x, opt(o.recv_scales), opt(o.recv_topk_idx),
                         opt(o.recv_topk_weights), o.recv_src_idx, o.num_recv, o.expert_counts,
-                        o.state, o.host_counts);
+                        o.state, o.host_counts, o.recv_per_src);
 }
 
 Routing routing_of(const OptTensor& per_rank, const OptTensor& per_node,
@@ -151,7 +151,8 @@ PYBIND11_MODULE(_ops, m) {
       py::arg("phases"));
 
   // Normal mode. Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
-  // recv_src_idx, num_recv (-1 with num_worst_tokens), expert_counts, state, host_counts).
+  // recv_src_idx, num_recv (-1 with num_worst_tokens), expert_counts, state, host_counts,
+  // recv_per_src (rows from each rank: a view of the count matrix on the GPU)).
   m.def("intranode_dispatch",
         [](int64_t rt, const at::Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
            const OptTensor& topk_weights, const OptTensor& per_rank, const OptTensor& per_expert,

@@ -17,11 +17,12 @@ inline void need(const OptTensor& t, const char* name) {
     bad_arg(std::string("dispatch without a handle needs ") + name + " (from get_dispatch_layout)");
 }
 
-// x (BF16, or FP8 with its scales), then the layout and top-k of a new dispatch.
-inline void check_dispatch_inputs(const at::Tensor& x, const OptTensor& x_scales,
-                                  const OptTensor& topk_idx, const OptTensor& topk_weights,
-                                  const Routing& r, int64_t num_ranks, int64_t num_nodes,
-                                  int device) {
+// x (BF16, or FP8 with its scales), then the layout and top-k of a new dispatch. Returns the
+// row bytes of x (dispatch_row_bytes_of), so that nothing checks x twice.
+inline int64_t check_dispatch_inputs(const at::Tensor& x, const OptTensor& x_scales,
+                                     const OptTensor& topk_idx, const OptTensor& topk_weights,
+                                     const Routing& r, int64_t num_ranks, int64_t num_nodes,
+                                     int device) {
   const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
   if (!fp8 && x.scalar_type() != at::kBFloat16)
     throw Error(ErrorCode::kType, "x must have dtype BFloat16 or Float8_e4m3fn, got " +
@@ -39,7 +40,8 @@ inline void check_dispatch_inputs(const at::Tensor& x, const OptTensor& x_scales
     check_size(*x_scales, "x scales", 0, T);
     check_size(*x_scales, "x scales", 1, H / 128);
   }
-  if (!r.state.empty()) return;  // cached: the handle stands for the layout (checked in Python)
+  const int64_t row_bytes = dispatch_row_bytes_of(x);
+  if (!r.state.empty()) return row_bytes;  // cached: the handle stands for the layout (Python)
   need(r.num_tokens_per_rank, "num_tokens_per_rank");
   need(r.is_token_in_rank, "is_token_in_rank");
   need(r.num_tokens_per_expert, "num_tokens_per_expert");
@@ -68,6 +70,7 @@ inline void check_dispatch_inputs(const at::Tensor& x, const OptTensor& x_scales
   check(*r.is_token_in_rank, "is_token_in_rank", at::kBool, 2, device);
   check_size(*r.is_token_in_rank, "is_token_in_rank", 0, T);
   check_size(*r.is_token_in_rank, "is_token_in_rank", 1, num_ranks);
+  return row_bytes;
 }
 
 // Combine's x [rows, H] BF16 (rows and H against the handle: in Python), the received
@@ -76,7 +79,7 @@ inline int64_t check_combine_inputs(const at::Tensor& x, const OptTensor& topk_w
                                     const OptTensor& bias0, const OptTensor& bias1,
                                     int64_t num_tokens, int device) {
   check(x, "x", at::kBFloat16, 2, device);
-  const int64_t H = combine_hidden_of(x);
+  const int64_t H = combine_hidden_of(x);  // x checked just above: only its row alignment
   if (topk_weights) {
     check(*topk_weights, "topk_weights", at::kFloat, 2, device);
     check_size(*topk_weights, "topk_weights", 0, x.size(0));

@@ -23,6 +23,12 @@ LayoutOut layout(const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ra
                  int64_t ranks_per_node, int64_t hop);
 
 // What a dispatch returns: the outputs, then what the handle keeps.
+//
+// Memory: recv_x, recv_scales, recv_topk_idx and recv_topk_weights are views of one
+// allocation (the user's outputs, used together as the experts' input), so one the caller
+// drops stays allocated while another is alive. The handle's tensors (state, recv_src_idx,
+// recv_per_src) are views of the routing's own allocation(s), never of the outputs': a
+// handle kept until combine does not pin recv_x.
 struct DispatchOut {
   at::Tensor recv_x;
   OptTensor recv_scales, recv_topk_idx, recv_topk_weights;
@@ -31,6 +37,8 @@ struct DispatchOut {
   std::vector<int> expert_counts;  // per local expert, padded; empty with num_worst_tokens
   std::vector<at::Tensor> state;   // the routing on the GPU (engine-specific order)
   std::vector<int> host_counts;    // its host copy (engine-specific), or empty
+  at::Tensor recv_per_src;         // [R] int32: rows received from each rank (a strided view
+                                   // of the count matrix's column of this rank, on the GPU)
 };
 
 // The routing of a new dispatch (from get_dispatch_layout), or of a handle (cached mode).

@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "mpiep/errors.h"
 #include "runtime/stream_hop.h"
@@ -80,24 +81,22 @@ class HopGuard {
   StreamHop* hop_ = nullptr;
 };
 
-// The dispatch input of normal mode: a contiguous 2-D CUDA tensor whose rows are 16-byte
-// multiples on a 16-byte boundary (the kernels copy 16 bytes at a time). Returns row bytes.
-inline int64_t dispatch_row_bytes_of(const at::Tensor& x) {
-  if (!x.is_cuda()) bad_arg("x must be a CUDA tensor");
-  if (x.dim() != 2 || !x.is_contiguous()) bad_arg("x must be a contiguous 2-D tensor");
-  const int64_t hb = x.size(1) * x.element_size();
-  if (hb % 16 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    bad_arg("x: rows must be 16-byte multiples and aligned (hidden=" + std::to_string(x.size(1)) +
-            ")");
+// The row bytes of normal dispatch's `x`, which check_dispatch_inputs (normal_checks.h) has
+// checked (a contiguous 2-D CUDA tensor): rows must be 16-byte multiples on a 16-byte boundary
+// (the kernels copy 16 bytes at a time).
+inline int64_t dispatch_row_bytes_of(const at::Tensor& checked_x) {
+  const int64_t hb = checked_x.size(1) * checked_x.element_size();
+  if (hb % 16 || reinterpret_cast<uintptr_t>(checked_x.data_ptr()) % 16)
+    bad_arg("x: rows must be 16-byte multiples and aligned (hidden=" +
+            std::to_string(checked_x.size(1)) + ")");
   return hb;
 }
 
-// The combine input of normal mode: contiguous 2-D BF16, hidden a multiple of 8 (one 16-byte
-// load), 16-byte aligned. Returns hidden.
-inline int64_t combine_hidden_of(const at::Tensor& x) {
-  check(x, "x", at::kBFloat16, 2);
-  const int64_t H = x.size(1);
-  if (H % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
+// The hidden size of normal combine's `x`, which check_combine_inputs has checked (contiguous
+// 2-D BF16 on the device): a multiple of 8 (one 16-byte load), 16-byte aligned.
+inline int64_t combine_hidden_of(const at::Tensor& checked_x) {
+  const int64_t H = checked_x.size(1);
+  if (H % 8 || reinterpret_cast<uintptr_t>(checked_x.data_ptr()) % 16)
     bad_arg("combine: hidden (" + std::to_string(H) +
             ") must be a multiple of 8 and x 16-byte aligned");
   return H;
@@ -140,6 +139,23 @@ inline at::Tensor typed_slice(const at::Tensor& base, int64_t byte_offset, at::I
   return t;
 }
 
+// Column `col` of a contiguous 2-D tensor as a 1-D strided view (what m[:, col] gives), made
+// the same way: no dispatcher, no copy kernel.
+inline at::Tensor column_view(const at::Tensor& m, int64_t col) {
+  auto t =
+      at::detail::make_tensor<c10::TensorImpl>(c10::Storage(m.storage()), m.key_set(), m.dtype());
+  const int64_t rows = m.size(0), stride = m.size(1);
+  const int64_t size[1] = {rows}, strides[1] = {stride};
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(c10::IntArrayRef(size), c10::IntArrayRef(strides));
+  t.unsafeGetTensorImpl()->set_storage_offset(m.storage_offset() + col);
+  return t;
+}
+
+// Normal dispatch sizes the handle's per-row tensors before the notify for the most rows the
+// buffers hold, to save an allocation after the host wait; past this many bytes it allocates
+// them after the wait instead (huge buffers with small rows).
+constexpr int64_t kMaxEarlyTailBytes = int64_t(1) << 20;
+
 // Byte offsets of consecutive blocks inside one allocation, each aligned to 256 bytes.
 struct ByteLayout {
   int64_t total = 0;
@@ -149,6 +165,20 @@ struct ByteLayout {
     return at;
   }
 };
+
+// Combine's outputs, the summed rows [T, H] bf16 and (with weights) the summed weights
+// [T, K] float, from one allocation: views of one storage, so the weights keep the rows'
+// memory alive while they live (as with DeepEP-style outputs, used together).
+inline std::pair<at::Tensor, std::optional<at::Tensor>> combine_outputs(int64_t T, int64_t H,
+                                                                        int64_t K, bool weights,
+                                                                        const at::Device& dev) {
+  ByteLayout o;
+  const int64_t x_at = o.add(T * H * 2), w_at = weights ? o.add(T * K * 4) : 0;
+  const at::Tensor bytes = empty({o.total}, at::kByte, dev);
+  std::optional<at::Tensor> w;
+  if (weights) w = typed_slice(bytes, w_at, {T, K}, at::kFloat);
+  return {typed_slice(bytes, x_at, {T, H}, at::kBFloat16), w};
+}
 
 }  // namespace ops
 }  // namespace mpiep

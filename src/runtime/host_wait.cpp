@@ -19,6 +19,15 @@ void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout
     check_error();
     if ((++polls & 1023) == 0) {
       const cudaError_t err = cudaStreamQuery(stream);
+      if (err == cudaErrorStreamCaptureUnsupported || err == cudaErrorStreamCaptureInvalidated) {
+        // Inside a CUDA graph capture nothing runs and the query is forbidden: say why.
+        (void)cudaGetLastError();  // the query's error, not the caller's to see later
+        throw Error(ErrorCode::kInvalidArgument,
+                    who +
+                        ": this dispatch cannot be captured in a CUDA graph: it waits on the "
+                        "host for the notify kernel's counts to size its outputs (capture a "
+                        "cached dispatch, with a handle, or one with num_worst_tokens)");
+      }
       if (err != cudaSuccess && err != cudaErrorNotReady) {
         throw Error(ErrorCode::kCuda, who + ": notify kernel failed: " + cudaGetErrorString(err));
       }

@@ -36,7 +36,7 @@ class InternodeEngine(NativeNormalEngine):
     name = "cuda-internode"
     kind = "internode"
     needs_node_counts = True
-    counts_index = 3  # state: send_slot, node_slot, node_token, counts, tables, fwd_pos
+    # state: send_slot, node_slot, node_token, counts, tables, fwd_pos
 
     def __init__(
         self,

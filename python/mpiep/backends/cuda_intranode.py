@@ -31,7 +31,7 @@ class IntranodeEngine(NativeNormalEngine):
 
     name = "cuda-intranode"
     kind = "intranode"
-    counts_index = 1  # state = [send_slot, count_matrix]
+    # state = [send_slot, count_matrix]
 
     def __init__(
         self, comm: Communicator, device: torch.device, num_nvl_bytes: int, timeout_s: float

@@ -23,7 +23,6 @@ class NativeNormalEngine:
 
     kind: str  # "intranode" or "internode", for messages
     needs_node_counts = False  # the layout must carry num_tokens_per_rdma_rank
-    counts_index: int  # the count matrix's place in a handle's state (rows s sent to r)
     comm: Communicator
     device: torch.device
     rank: int
@@ -115,15 +114,18 @@ class NativeNormalEngine:
             address, x, x_scales, topk_idx, topk_weights, layout, [], [], 0, num_experts,
             expert_alignment, num_worst_tokens, config,
         )  # fmt: skip
-        recv_x, recv_scales, recv_idx, recv_w, recv_src, num_recv, experts, state, host = out
+        recv_x, recv_scales, recv_idx, recv_w, recv_src, num_recv, experts, state, host, per_src = (
+            out
+        )
         handle = DispatchHandle(
             num_ranks=self.num_ranks,
             num_experts=num_experts,
-            hidden=int(x.shape[1]),
+            hidden=x.shape[1],
             is_token_in_rank=layout.is_token_in_rank,
             num_tokens_per_rank=layout.num_tokens_per_rank,
-            # A view (no copy kernel): the rows this rank received from each source.
-            num_recv_per_src=state[self.counts_index][:, self.rank],
+            # Made by the op: a view of the count matrix (no copy kernel), the rows this rank
+            # received from each source.
+            num_recv_per_src=per_src,
             recv_src_idx=recv_src,
             # With num_worst_tokens the real count stays on the GPU (no host wait): -1.
             num_recv_tokens=num_recv,

@@ -169,10 +169,126 @@ def run_normal(comm: MPI.Comm, shape: Shape, s: Settings) -> list[Row]:
                 rdma_bytes=nbytes(row_bytes, rdma_rows),
             )
         )
+    if dev.type == "cuda":
+        outs = (recv_x, recv_fp8, recv_w, combined)
+        rows += _normal_graph_rows(comm, buf, shape, x, x_fp8, layout, handle, outs, s)
     if s.nccl and dev.type == "cuda":
         rows += _nccl_rows(comm, buf, shape, per_rank, handle.num_recv_per_src, bf16_row, s)
     buf.destroy()
     return rows
+
+
+_NO_TIME = {"median_us": 0.0, "min_us": 0.0, "max_us": 0.0, "iters": 0}
+
+
+def _capture(comm: MPI.Comm, dev: torch.device, fn: Callable[[], object]) -> tuple[object, str]:
+    """``fn`` captured in a CUDA graph on every rank, after a warm-up on a side stream as
+    torch.cuda.graphs asks. Returns (graph, "") or (None, why) when any rank failed (every
+    rank then skips the replays, which are collective like the calls they hold)."""
+    graph, why = torch.cuda.CUDAGraph(), ""
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize(dev)
+        comm.Barrier()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # told to every rank below
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+    torch.cuda.synchronize(dev)
+    found = [w for w in comm.allgather(why) if w]
+    return (None, found[0]) if found else (graph, "")
+
+
+def _normal_graph_rows(
+    comm: MPI.Comm,
+    buf: Buffer,
+    shape: Shape,
+    x: torch.Tensor,
+    x_fp8: tuple[torch.Tensor, torch.Tensor],
+    layout: dict[str, torch.Tensor | None],
+    handle: object,
+    outs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor],
+    s: Settings,
+) -> list[Row]:
+    """Normal mode without the host wait: a cached dispatch (with a handle), a dispatch with
+    num_worst_tokens and combine, as whole calls and replayed from CUDA graphs (the
+    kernel-only floor). A dispatch without either cannot be captured: it waits on the host
+    for the notify kernel's counts to size its outputs."""
+    dev, T, R = buf.device, shape.tokens, buf.group_size
+    recv_x, recv_fp8, recv_w, combined = outs
+    n = recv_x.shape[0]
+    worst = T * R  # every token of every rank: the most a rank can receive
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # the worst-case output: rows, then zeros
+        return torch.cat([t, t.new_zeros((worst - n, *t.shape[1:]))])
+
+    # (case, call returning the output to check, expected output, also time the whole call)
+    calls: list[tuple[str, Callable[[], torch.Tensor], torch.Tensor, bool]] = [
+        ("dispatch bf16 cached", lambda: buf.dispatch(x, handle=handle)[0], recv_x, True),
+        (
+            "dispatch fp8 cached",
+            lambda: buf.dispatch(x_fp8, handle=handle)[0][0],
+            recv_fp8[0],
+            False,
+        ),
+        (
+            "dispatch bf16 num_worst_tokens",
+            lambda: buf.dispatch(x, **layout, num_worst_tokens=worst)[0],
+            pad(recv_x),
+            True,
+        ),
+        (
+            "combine bf16",
+            lambda: buf.combine(recv_x, handle, topk_weights=recv_w)[0],
+            combined,
+            False,
+        ),
+    ]
+    rows = [
+        Row(
+            "normal dispatch bf16, CUDA graph: not capturable (host waits for the counts; "
+            "use a handle or num_worst_tokens)",
+            shape,
+            dict(_NO_TIME),
+            0,
+            0,
+            "-",
+        )
+    ]
+    for name, fn, want, eager in calls:
+        if eager:
+            problems = [] if _same(fn(), want) else [f"{name}: differs from the first call"]
+            t = _time(f"normal {name}", fn, comm, dev, s)
+            rows.append(Row(f"normal {name}", shape, t, 0, 0, _verdict(comm, problems), {}))
+        out: list[torch.Tensor] = []
+        graph, why = _capture(comm, dev, lambda fn=fn, out=out: out.append(fn()))
+        if graph is None:
+            rows.append(
+                Row(f"normal {name}, CUDA graph: failed ({why})", shape, dict(_NO_TIME), 0, 0, "-")
+            )
+            continue
+        comm.Barrier()
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        problems = [] if _same(out[-1], want) else [f"{name}: graph replay differs from the call"]
+        t = _time(f"normal {name} (CUDA graph)", graph.replay, comm, dev, s)
+        rows.append(
+            Row(f"normal {name}, CUDA graph replay", shape, t, 0, 0, _verdict(comm, problems))
+        )
+        torch.cuda.synchronize(dev)
+        del graph
+    return rows
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-exact equality (FP8 and BF16 compared as bytes)."""
+    return got.shape == want.shape and torch.equal(
+        got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+    )
 
 
 def _time(
