@@ -26,6 +26,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
+from engine_calls import normal_combine, normal_dispatch  # noqa: E402
 
 try:
     from mpiep import _C  # type: ignore[attr-defined]
@@ -188,7 +189,7 @@ def run_case(engine, device, seed, rpn, pattern, hidden, K, fp8, alignment, with
     T = x.shape[0]
     ti, tw = (topk_idx, topk_w) if K else (None, None)
     lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-    res = engine.dispatch(x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
+    res = normal_dispatch(engine, x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
     y = nc.expert_output(res.recv_x, res.recv_x_scales, me)
     bias = ()
     if with_bias:
@@ -196,15 +197,15 @@ def run_case(engine, device, seed, rpn, pattern, hidden, K, fp8, alignment, with
         bias = tuple(
             torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(device) for _ in "ab"
         )
-    out, out_w = engine.combine(y, res.handle, res.recv_topk_weights, bias, cfg)
+    out, out_w = normal_combine(engine, y, res.handle, res.recv_topk_weights, bias, cfg)
     # Cached dispatch of fresh data along the same routes (no notify).
     x2, s2, _, _ = make_case(seed + 1, 300, hidden, K, rpn, pattern, fp8, device)
-    cached = engine.dispatch(
-        x2, s2, None, None, None, res.handle, NUM_EXPERTS, alignment, worst, cfg
+    cached = normal_dispatch(
+        engine, x2, s2, None, None, None, res.handle, NUM_EXPERTS, alignment, worst, cfg
     )
     # Backward identity: combine of ones counts the ranks each token went to.
     ones = torch.ones(res.recv_x.shape[0], hidden, dtype=torch.bfloat16, device=device)
-    cnt, _ = engine.combine(ones, res.handle, None, (), cfg)
+    cnt, _ = normal_combine(engine, ones, res.handle, None, (), cfg)
     torch.cuda.synchronize()
     engine.check_errors()
 
@@ -304,8 +305,10 @@ def test_grid_chunks_and_repeats(engines, num_sms, chunk):
                 500 + i + num_sms, 400, 2048, 4, rpn, "random", False, engines.device
             )
             lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-            res = engine.dispatch(x, None, topk_idx, topk_w, lay, None, NUM_EXPERTS, 1, 0, cfg)
-            out, _ = engine.combine(res.recv_x, res.handle, None, (), cfg)
+            res = normal_dispatch(
+                engine, x, None, topk_idx, topk_w, lay, None, NUM_EXPERTS, 1, 0, cfg
+            )
+            out, _ = normal_combine(engine, res.recv_x, res.handle, None, (), cfg)
             results.append((x, topk_idx, out))
         torch.cuda.synchronize()
         engine.check_errors()
@@ -404,7 +407,7 @@ def test_bench_shape(engines):
             x = torch.randn(T, H, generator=g).to(torch.bfloat16).to(dev)
             cfg = Config(24)
             lay = engine.get_dispatch_layout(topk_idx, E)
-            first = engine.dispatch(x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
+            first = normal_dispatch(engine, x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
 
             def timed(fn, iters=10):
                 fn()
@@ -420,10 +423,10 @@ def test_bench_shape(engines):
                 return a.elapsed_time(b) * 1000 / iters
 
             res["dispatch_bf16_us"] = timed(
-                lambda: engine.dispatch(x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
+                lambda: normal_dispatch(engine, x, None, topk_idx, topk_w, lay, None, E, 1, 0, cfg)
             )
             res["combine_us"] = timed(
-                lambda: engine.combine(first.recv_x, first.handle, None, (), cfg)
+                lambda: normal_combine(engine, first.recv_x, first.handle, None, (), cfg)
             )
         allres = world().allgather(res)
         if world().rank == 0:

@@ -28,6 +28,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
+from engine_calls import normal_combine, normal_dispatch  # noqa: E402
 
 import oracle  # noqa: E402
 
@@ -190,7 +191,7 @@ def run_case(
     T = x.shape[0]
     ti, tw = (topk_idx, topk_w) if K else (None, None)
     lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-    res = engine.dispatch(x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
+    res = normal_dispatch(engine, x, scales, ti, tw, lay, None, NUM_EXPERTS, alignment, worst, cfg)
     y = nc.expert_output(res.recv_x, res.recv_x_scales, world().rank)
     bias = ()
     if with_bias:
@@ -198,15 +199,15 @@ def run_case(
         bias = tuple(
             torch.randn(T, hidden, generator=gen).to(torch.bfloat16).to(device) for _ in range(2)
         )
-    out, out_w = engine.combine(y, res.handle, res.recv_topk_weights, bias, cfg)
+    out, out_w = normal_combine(engine, y, res.handle, res.recv_topk_weights, bias, cfg)
     # Cached dispatch of fresh data with the handle (no notify).
     x2, s2, _, _ = make_case(seed + 1, 300, hidden, K, pattern, fp8, device)
-    cached = engine.dispatch(
-        x2, s2, None, None, None, res.handle, NUM_EXPERTS, alignment, worst, cfg
+    cached = normal_dispatch(
+        engine, x2, s2, None, None, None, res.handle, NUM_EXPERTS, alignment, worst, cfg
     )
     # Backward identity: combine of ones counts the ranks each token went to.
     ones = torch.ones(res.recv_x.shape[0], hidden, dtype=torch.bfloat16, device=device)
-    cnt, _ = engine.combine(ones, res.handle, None, (), cfg)
+    cnt, _ = normal_combine(engine, ones, res.handle, None, (), cfg)
     torch.cuda.synchronize()
     engine.check_errors()
 
@@ -269,9 +270,11 @@ def test_num_sms_and_repeats(setup, num_sms):
                 500 + i + num_sms, 400, 2048, 4, "random", False, device
             )
             lay = engine.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-            res = engine.dispatch(x, None, topk_idx, topk_w, lay, None, NUM_EXPERTS, 1, 0, cfg)
+            res = normal_dispatch(
+                engine, x, None, topk_idx, topk_w, lay, None, NUM_EXPERTS, 1, 0, cfg
+            )
             y = res.recv_x
-            out, _ = engine.combine(y, res.handle, None, (), cfg)
+            out, _ = normal_combine(engine, y, res.handle, None, (), cfg)
             outs.append(out)
             inputs.append((x, topk_idx))
         torch.cuda.synchronize()

@@ -19,6 +19,9 @@ torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_calls import ll_combine, ll_dispatch  # noqa: E402
+
 import oracle  # noqa: E402
 
 try:
@@ -35,20 +38,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without low-latency kernels"),
 ]
-
-
-# The engines take one request object per call (mpiep.backends.base); these keep the tests'
-# positional calls readable (the arguments in the requests' field order).
-def ll_dispatch(engine, *args):
-    from mpiep.backends.base import LowLatencyDispatchRequest
-
-    return engine.low_latency_dispatch(LowLatencyDispatchRequest(*args))
-
-
-def ll_combine(engine, *args):
-    from mpiep.backends.base import LowLatencyCombineRequest
-
-    return engine.low_latency_combine(LowLatencyCombineRequest(*args))
 
 
 MAX_TOKENS = 128

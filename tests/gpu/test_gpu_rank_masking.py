@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_calls import ll_combine, ll_dispatch  # noqa: E402
 from ll_rounds import COMM, LLRound, agree, attempt  # noqa: E402
 
 from mpiep import Buffer, get_low_latency_rdma_size_hint  # noqa: E402
@@ -45,20 +46,6 @@ pytestmark = [
     pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without rank masking"),
     pytest.mark.timeout(300),
 ]
-
-
-# The engines take one request object per call (mpiep.backends.base); these keep the tests'
-# positional calls readable (the arguments in the requests' field order).
-def ll_dispatch(engine, *args):
-    from mpiep.backends.base import LowLatencyDispatchRequest
-
-    return engine.low_latency_dispatch(LowLatencyDispatchRequest(*args))
-
-
-def ll_combine(engine, *args):
-    from mpiep.backends.base import LowLatencyCombineRequest
-
-    return engine.low_latency_combine(LowLatencyCombineRequest(*args))
 
 
 GONE = 1  # the rank that stops answering, or is masked
