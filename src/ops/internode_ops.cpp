@@ -3,6 +3,7 @@
 #include "ops/normal_checks.h"
 #include "ops/normal_ops.h"
 #include "ops/ops_common.h"
+#include "runtime/host_wait.h"
 #include "runtime/internode_runtime.h"
 
 namespace mpiep {
@@ -67,6 +68,8 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const int num_topk = (!cached && topk_idx) ? static_cast<int>(topk_idx->size(1)) : 0;
   const int64_t worst = num_worst_tokens;
   const at::Device dev = x.device();
+  // A plain dispatch waits on the host for its counts: refuse a capture before launching.
+  if (!cached && num_worst_tokens <= 0) refuse_capture(current_stream(dev), "internode dispatch");
   const HopGuard guard(hop, dev);
   const cudaStream_t stream = guard.stream();
 

@@ -4,6 +4,7 @@
 #include "ops/normal_checks.h"
 #include "ops/normal_ops.h"
 #include "ops/ops_common.h"
+#include "runtime/host_wait.h"
 #include "runtime/intranode_runtime.h"
 
 namespace mpiep {
@@ -92,6 +93,8 @@ DispatchOut intranode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
   const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
   const bool cached = !routing.state.empty();
   const at::Device dev = x.device();
+  // A plain dispatch waits on the host for its counts: refuse a capture before launching.
+  if (!cached && num_worst_tokens <= 0) refuse_capture(current_stream(dev), "intranode dispatch");
   const HopGuard guard(hop, dev);
   const cudaStream_t stream = guard.stream();
   const int64_t worst = num_worst_tokens;

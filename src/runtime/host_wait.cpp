@@ -8,6 +8,23 @@
 
 namespace mpiep {
 
+namespace {
+const char* kNotCapturable =
+    ": this dispatch cannot be captured in a CUDA graph: it waits on the host for the notify "
+    "kernel's counts to size its outputs (capture a cached dispatch, with a handle, or one "
+    "with num_worst_tokens)";
+}  // namespace
+
+void refuse_capture(cudaStream_t stream, const std::string& who) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;  // the wait's own check below still applies
+  }
+  if (status != cudaStreamCaptureStatusNone)
+    throw Error(ErrorCode::kInvalidArgument, who + kNotCapturable);
+}
+
 void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout_s,
                     cudaStream_t stream, const std::function<void()>& check_error,
                     const std::string& who) {
@@ -22,11 +39,7 @@ void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout
       if (err == cudaErrorStreamCaptureUnsupported || err == cudaErrorStreamCaptureInvalidated) {
         // Inside a CUDA graph capture nothing runs and the query is forbidden: say why.
         (void)cudaGetLastError();  // the query's error, not the caller's to see later
-        throw Error(ErrorCode::kInvalidArgument,
-                    who +
-                        ": this dispatch cannot be captured in a CUDA graph: it waits on the "
-                        "host for the notify kernel's counts to size its outputs (capture a "
-                        "cached dispatch, with a handle, or one with num_worst_tokens)");
+        throw Error(ErrorCode::kInvalidArgument, who + kNotCapturable);
       }
       if (err != cudaSuccess && err != cudaErrorNotReady) {
         throw Error(ErrorCode::kCuda, who + ": notify kernel failed: " + cudaGetErrorString(err));

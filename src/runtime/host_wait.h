@@ -8,6 +8,8 @@
 #include <functional>
 #include <string>
 
+#include "mpiep/export.h"
+
 namespace mpiep {
 
 // Returns once *ready == token. Throws what `check_error` throws (a kernel reported a
@@ -17,5 +19,10 @@ namespace mpiep {
 void wait_for_token(const volatile int64_t* ready, int64_t token, double timeout_s,
                     cudaStream_t stream, const std::function<void()>& check_error,
                     const std::string& who);
+
+// Throws Error(kInvalidArgument) when `stream` is capturing a CUDA graph: a dispatch that
+// will wait on the host for its counts cannot be captured. Called before anything is
+// launched, so that the capture is left intact and the message says why.
+MPIEP_API void refuse_capture(cudaStream_t stream, const std::string& who);
 
 }  // namespace mpiep
