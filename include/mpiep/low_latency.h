@@ -170,5 +170,11 @@ inline Regions make_regions(uint8_t* half, int hidden, int max_tokens, int num_e
 void launch_dispatch(const DispatchParams& p, void* stream);
 void launch_combine(const CombineParams& p, void* stream);
 
+// Blocks of the dispatch (combine) kernel that one SM holds at once, for `num_ranks` ranks
+// (the smaller of the kernel's two variants). Every block of a launch must be resident, since
+// receiving blocks spin on sending ones: the context never launches more than this per SM.
+int dispatch_blocks_per_sm(int num_ranks);
+int combine_blocks_per_sm(int num_ranks);
+
 }  // namespace ll
 }  // namespace mpiep

@@ -88,6 +88,7 @@ void bind_low_latency(py::module_& m) {
       .def("destroy", &LowLatencyContext::destroy)
       .def("set_timeout", &LowLatencyContext::set_timeout)
       .def_property_readonly("timeout_s", &LowLatencyContext::timeout_s)
+      .def_property_readonly("num_blocks", &LowLatencyContext::num_blocks)
       .def_property_readonly("nvlink_peers", &LowLatencyContext::nvlink_peers)
       .def_property_readonly("half_bytes", &LowLatencyContext::half_bytes)
       .def_property_readonly(

@@ -300,6 +300,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
+int combine_blocks_per_sm(int num_ranks) {
+  const size_t smem = (size_t(num_ranks + 3) / 4 + size_t(kMaxTopkSkipping)) * sizeof(int);
+  int plain = 0, skipping = 0;
+  MPIEP_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plain, combine_kernel<false>, kThreads, smem));
+  MPIEP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&skipping, combine_kernel<true>,
+                                                                 kThreads, smem));
+  return std::min(plain, skipping);
+}
+
 void launch_combine(const CombineParams& p, void* stream) {
   const bool skips = p.c.active != nullptr || p.stall != 0;
   MPIEP_CHECK_ARG(!skips || p.num_topk <= kMaxTopkSkipping,

@@ -225,6 +225,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
+int dispatch_blocks_per_sm(int num_ranks) {
+  const size_t smem = size_t(2) * num_ranks * sizeof(int) + size_t(num_ranks);
+  int plain = 0, skipping = 0;
+  MPIEP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plain, dispatch_kernel<false>,
+                                                                 kThreads, smem));
+  MPIEP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&skipping, dispatch_kernel<true>,
+                                                                 kThreads, smem));
+  return std::min(plain, skipping);
+}
+
 void launch_dispatch(const DispatchParams& p, void* stream) {
   const bool skips = p.c.active != nullptr || p.stall != 0;
   const size_t smem = size_t(2) * p.c.num_ranks * sizeof(int) + (skips ? p.c.num_ranks : 0);

@@ -17,6 +17,11 @@ LowLatencyContext::LowLatencyContext(int device, size_t heap_bytes, bool allow_n
   MPIEP_CUDA_CHECK(cudaSetDevice(device_));
   rank_ = nvshmem_rt::my_pe();
   size_ = nvshmem_rt::n_pes();
+  // Never more blocks than the GPU holds at once (the kernels' blocks wait on each other).
+  int sms = 0;
+  MPIEP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
+  const int per_sm = std::min(ll::dispatch_blocks_per_sm(size_), ll::combine_blocks_per_sm(size_));
+  num_blocks_ = std::max(1, std::min(num_blocks_, std::max(1, per_sm) * sms));
   half_bytes_ = heap_bytes / 2 / 4096 * 4096;
   MPIEP_CHECK_ARG(half_bytes_ > kSignal(), "num_rdma_bytes is too small for low-latency mode");
   heap_ = static_cast<uint8_t*>(nvshmem_rt::alloc(heap_bytes));

@@ -91,6 +91,7 @@ class MPIEP_API LowLatencyContext {
   double timeout_s() const { return timeout_s_; }
   int num_ranks() const { return size_; }
   int device() const { return device_; }
+  int num_blocks() const { return num_blocks_; }  // per launch, after the residency clamp
 
  private:
   static size_t kSignal() { return ll::kSignalBytes; }

@@ -126,13 +126,17 @@ class LowLatencyEngine:
         if env:
             return max(1, int(env))
         sms = torch.cuda.get_device_properties(index).multi_processor_count
-        # Ranks sharing this GPU (tests under MPS) split its SMs: every block of every rank's
-        # kernel must be resident at once, since receive blocks spin on the senders.
+        # Two blocks per SM (the kernels' launch bounds): on one H200, 264 blocks took the
+        # dispatch + combine pair's kernels from 46.8 to 42.2 us (docs/PERFORMANCE.md).
+        # Ranks sharing this GPU (tests under MPS) split them: every block of every rank's
+        # kernel must be resident at once, since receive blocks spin on the senders. The
+        # context clamps to what the GPU really holds (its occupancy query).
+        per_sm = max(1, int(os.environ.get("MPIEP_LL_BLOCKS_PER_SM", "2")))
         ndev = max(1, torch.cuda.device_count())
         sharing = sum(
             1 for r in range(self.comm.local_size) if r % ndev == self.comm.local_rank % ndev
         )
-        return max(1, sms // max(1, sharing))
+        return max(1, per_sm * sms // max(1, sharing))
 
     @property
     def timeout_s(self) -> float:
