@@ -74,16 +74,13 @@ void launch_dispatch(LowLatencyContext& ctx, const at::Tensor& x, const at::Tens
     const int64_t s_at = use_fp8 ? bytes.add(EL * rows * scale_cols * 4) : 0;
     const int64_t count_at = bytes.add(EL * 4), src_at = bytes.add(EL * rows * 4),
                   range_at = bytes.add(EL * R * 2 * 4);
-    const at::Tensor storage = empty({bytes.total}, at::kByte, dev);
-    out.recv_x =
-        typed_slice(storage, x_at, {EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
-    if (use_fp8) {
-      out.recv_scales =
-          typed_slice(storage, s_at, {EL, rows, scale_cols}, use_ue8m0 ? at::kInt : at::kFloat);
-    }
-    out.recv_count = typed_slice(storage, count_at, {EL}, at::kInt);
-    out.src_token_idx = typed_slice(storage, src_at, {EL, rows}, at::kInt);
-    out.layout_range = typed_slice(storage, range_at, {EL, R, 2}, at::kInt);
+    const OutputBlock block(bytes, dev);
+    out.recv_x = block.take(x_at, {EL, rows, H}, use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16);
+    if (use_fp8)
+      out.recv_scales = block.take(s_at, {EL, rows, scale_cols}, use_ue8m0 ? at::kInt : at::kFloat);
+    out.recv_count = block.take(count_at, {EL}, at::kInt);
+    out.src_token_idx = block.take(src_at, {EL, rows}, at::kInt);
+    out.layout_range = block.take(range_at, {EL, R, 2}, at::kInt);
   }
   LowLatencyDispatchCall c{};
   c.x = x.data_ptr();

@@ -43,6 +43,7 @@
 #include "mpiep/errors.h"
 #include "ops/low_latency_ops.h"
 #include "ops/normal_ops.h"
+#include "ops/ops_common.h"
 #include "ops/reference_cpu_ops.h"
 
 using mpiep::ops::OptTensor;
@@ -99,6 +100,7 @@ mpiep::ops::LowLatencyDispatchOut ll_dispatch_checked(
     throw mpiep::Error(mpiep::ErrorCode::kInvalidArgument,
                        "mpiep::ll_dispatch: num_ranks=" + std::to_string(num_ranks) +
                            ", but the low-latency context has " + std::to_string(ranks));
+  const mpiep::ops::SeparateOutputs separate;  // a custom op's returns may not alias
   return mpiep::ops::ll_dispatch(ctx, x, topk_idx, max_tokens, num_experts, use_fp8, round_scale,
                                  use_ue8m0, stats, buffer, phases);
 }
@@ -188,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor> intranode_combine_op(
     int64_t hop) {
   (void)sequence;
   return translate([&] {
+    const mpiep::ops::SeparateOutputs separate;  // a custom op's returns may not alias
     return combine_pair(
         mpiep::ops::intranode_combine(runtime, x, topk_weights, recv_src_idx, list(state),
                                       ints(host_counts), bias0, bias1, num_tokens, num_sms, hop),
@@ -201,6 +204,7 @@ std::tuple<at::Tensor, at::Tensor> internode_combine_op(
     const OptTensor& bias1, int64_t num_tokens, int64_t num_sms, int64_t chunk, int64_t hop) {
   (void)sequence;
   return translate([&] {
+    const mpiep::ops::SeparateOutputs separate;  // a custom op's returns may not alias
     return combine_pair(
         mpiep::ops::internode_combine(runtime, x, topk_weights, list(state), ints(host_counts),
                                       bias0, bias1, num_tokens, num_sms, chunk, hop),
