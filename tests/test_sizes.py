@@ -79,3 +79,29 @@ def test_configs_are_cached_and_read_the_tuned_table_once(tmp_path, monkeypatch)
     b = config.default_dispatch_config(4, 24)
     assert a is b
     assert config.default_dispatch_config(4, 24, use_tuned=False).num_sms == 24
+
+
+def test_buffer_caches_its_default_configs(tmp_path, monkeypatch) -> None:
+    """A Buffer reads the tuned table when it first needs a config and keeps it; set_num_sms
+    still takes effect at the next call (it is part of the cache key)."""
+    import json
+
+    from mpiep import Buffer
+
+    table = tmp_path / "tuned_buffer.json"
+    table.write_text(json.dumps({"1": {"dispatch": {"num_sms": 36}, "combine": {"num_sms": 40}}}))
+    monkeypatch.setenv("MPIEP_TUNED_CONFIG", str(table))
+    monkeypatch.setattr(Buffer, "num_sms", 24)
+    monkeypatch.setattr(Buffer, "_num_sms_set", False)
+    buf = Buffer(num_nvl_bytes=1 << 20, backend="reference", device="cpu")
+    try:
+        if buf.group_size != 1:
+            pytest.skip("one rank: the table above is for 1 rank")
+        first = buf._default_config("dispatch")
+        assert first.num_sms == 36 and buf._default_config("combine").num_sms == 40
+        monkeypatch.delenv("MPIEP_TUNED_CONFIG")  # read once: the Buffer keeps what it read
+        assert buf._default_config("dispatch") is first
+        Buffer.set_num_sms(16)  # an explicit choice wins over the table, from the next call
+        assert buf._default_config("dispatch").num_sms == 16
+    finally:
+        buf.destroy()

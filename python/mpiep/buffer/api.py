@@ -178,6 +178,7 @@ class Buffer:
         )
         self._destroyed = False  # from here on __del__ frees what exists
         self._ll_fits: set[tuple[int, int, int]] = set()  # low-latency shapes that fit
+        self._configs: dict[tuple[str, int, bool], Config] = {}  # _default_config's cache
         self.rank = self.comm.rank
         self.group_size = self.comm.size
         self.num_nvl_bytes = num_nvl_bytes
@@ -263,6 +264,19 @@ class Buffer:
         num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 8
     ) -> int:
         return cfg.get_normal_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk)
+
+    def _default_config(self, kind: str) -> Config:
+        """The config a call without one uses, cached on this Buffer: the tuned table
+        (MPIEP_TUNED_CONFIG) is read when the Buffer first needs it, and ``set_num_sms``
+        takes effect at the next call."""
+        key = (kind, Buffer.num_sms, Buffer._num_sms_set)
+        found = self._configs.get(key)
+        if found is None:
+            make = cfg.default_dispatch_config if kind == "dispatch" else cfg.default_combine_config
+            found = self._configs[key] = make(
+                self.group_size, Buffer.num_sms, not Buffer._num_sms_set
+            )
+        return found
 
     @property
     def num_nodes(self) -> int:
@@ -445,7 +459,7 @@ class Buffer:
         handle, event)``. Received rows are ordered by source rank, then source token id;
         ``recv_topk_idx`` holds local expert ids (-1 for experts elsewhere).
         """
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config or self._default_config("dispatch")
         data, scales = val.split_fp8(x)
         cached = handle is not None  # the handle stands for the layout and top-k
         req = DispatchRequest(
@@ -470,9 +484,8 @@ class Buffer:
         self._check("dispatch", checks.dispatch, checks.dispatch_lean, (req,))
         if cached:  # the original's shapes, num_worst_tokens padding included
             req.num_worst_tokens = handle.num_worst_tokens
-        else:
-            self._dispatches += 1
-        generation = self._dispatches
+        # A handle's generation: the non-cached dispatches sent so far (a refused one is none).
+        generation = self._dispatches + (not cached)
         result, event = self._run_normal(
             self.backend.dispatch,
             (req,),
@@ -482,6 +495,7 @@ class Buffer:
             (data, scales, topk_idx, topk_weights, is_token_in_rank),
             _dispatch_outputs,
         )
+        self._dispatches = generation
         recv_x = (result.recv_x, result.recv_x_scales) if scales is not None else result.recv_x
         if result.handle.owner == 0:  # a new handle: stamp it with this Buffer and call
             result.handle.owner, result.handle.generation = self._id, generation
@@ -513,7 +527,7 @@ class Buffer:
         (the received weights) are summed the same way; ``bias`` (one tensor or a pair,
         bf16 [T, H]) is added to the sum. Returns ``(combined_x, combined_topk_weights, event)``.
         """
-        config = config or self.get_combine_config(self.group_size)
+        config = config or self._default_config("combine")
         biases: tuple[torch.Tensor, ...] = ()
         if isinstance(bias, torch.Tensor):
             biases = (bias,)
