@@ -2,6 +2,7 @@
 #include "mpiep/internode.h"
 #include "ops/normal_checks.h"
 #include "ops/normal_ops.h"
+#include "ops/normal_outputs.h"
 #include "ops/ops_common.h"
 #include "runtime/host_wait.h"
 #include "runtime/internode_runtime.h"
@@ -165,23 +166,9 @@ DispatchOut internode_dispatch(int64_t runtime, const at::Tensor& x, const OptTe
     state[kFwdPos] = typed_slice(state_bytes, fwd_at, {fwd_rows, L}, at::kInt);
     out.recv_src_idx = typed_slice(state_bytes, src_at, {num_out}, at::kInt);
   }
-  ByteLayout o;
-  const int64_t x_at = o.add(num_out * hidden_bytes);
-  const int64_t scales_at = x_scales ? o.add(num_out * num_scales * 4) : 0;
-  const int64_t idx_at = num_topk ? o.add(num_out * num_topk * 8) : 0;
-  const int64_t w_at = (num_topk && topk_weights) ? o.add(num_out * num_topk * 4) : 0;
   // A cached dispatch's recv_src_idx is not kept (its handle has one): with the outputs.
-  const int64_t out_src_at = cached ? o.add(num_out * 4) : 0;
-  const at::Tensor out_bytes = empty({o.total}, at::kByte, dev);
-  out.recv_x = typed_slice(out_bytes, x_at, {num_out, H}, x.scalar_type());
-  if (x_scales)
-    out.recv_scales = typed_slice(out_bytes, scales_at, {num_out, num_scales}, at::kFloat);
-  if (num_topk) {
-    out.recv_topk_idx = typed_slice(out_bytes, idx_at, {num_out, num_topk}, at::kLong);
-    if (topk_weights)
-      out.recv_topk_weights = typed_slice(out_bytes, w_at, {num_out, num_topk}, at::kFloat);
-  }
-  if (cached) out.recv_src_idx = typed_slice(out_bytes, out_src_at, {num_out}, at::kInt);
+  allocate_dispatch_outputs(out, num_out, x, hidden_bytes, num_scales, num_topk,
+                            topk_weights.has_value(), cached, dev);
   DispatchArgs a{};
   a.x = x.data_ptr();
   a.x_scales = ptr<const float>(x_scales);
