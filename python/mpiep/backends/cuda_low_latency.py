@@ -126,16 +126,18 @@ class LowLatencyEngine:
         if env:
             return max(1, int(env))
         sms = torch.cuda.get_device_properties(index).multi_processor_count
-        # Two blocks per SM (the kernels' launch bounds): on one H200, 264 blocks took the
-        # dispatch + combine pair's kernels from 46.8 to 42.2 us (docs/PERFORMANCE.md).
-        # Ranks sharing this GPU (tests under MPS) split them: every block of every rank's
-        # kernel must be resident at once, since receive blocks spin on the senders. The
-        # context clamps to what the GPU really holds (its occupancy query).
-        per_sm = max(1, int(os.environ.get("MPIEP_LL_BLOCKS_PER_SM", "2")))
+        # Every block of a launch must be resident at once, since receive blocks spin on the
+        # senders; the context clamps to what the GPU holds (its occupancy query).
         ndev = max(1, torch.cuda.device_count())
         sharing = sum(
             1 for r in range(self.comm.local_size) if r % ndev == self.comm.local_rank % ndev
         )
+        # A GPU of its own: two blocks per SM (the kernels' launch bounds); on one H200 the
+        # dispatch + combine pair's kernels took 41.8 us instead of 46.8 (docs/PERFORMANCE.md).
+        # Ranks sharing a GPU (tests under MPS) split one block per SM: with two per SM, two
+        # ranks under MPS timed out waiting for each other's blocks.
+        default = 2 if sharing <= 1 else 1
+        per_sm = max(1, int(os.environ.get("MPIEP_LL_BLOCKS_PER_SM", default)))
         return max(1, per_sm * sms // max(1, sharing))
 
     @property
