@@ -1,5 +1,6 @@
-"""One source for buffer sizes: the Python size formulas (hints, capacities) equal the core's
-wherever the core is built (CI builds it), and the hints cover what a worst routing needs."""
+"""One source for buffer sizes: config.py reads the formulas (hints, capacities) from the core
+where it is built, its Python mirrors (for installs without the core) equal the core's
+wherever it is built (CI builds it), and the hints cover what a worst routing needs."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_normal_row_bytes_match_the_core(hidden: int, topk: int, fp8: bool) -> N
     hidden_bytes = hidden * (1 if fp8 else 2)
     scales = hidden // 128 if fp8 else 0
     want = c.intranode_dispatch_row_bytes(hidden_bytes, scales, topk)
+    assert config.normal_row_bytes_mirror(hidden, topk, fp8) == want
     assert config.normal_row_bytes(hidden, topk, fp8) == want
 
 
@@ -38,14 +40,37 @@ def test_internode_row_bytes_match_the_core(hidden, topk, fp8, ranks_per_node) -
     hidden_bytes = hidden * (1 if fp8 else 2)
     scales = hidden // 128 if fp8 else 0
     want = c.internode_rdma_dispatch_row_bytes(hidden_bytes, scales, topk, ranks_per_node)
+    assert config.internode_rdma_row_bytes_mirror(hidden, topk, ranks_per_node, fp8) == want
     assert config.internode_rdma_row_bytes(hidden, topk, ranks_per_node, fp8) == want
 
 
 @pytest.mark.parametrize("ranks,nodes", [(2, 2), (4, 2), (16, 2), (64, 8), (256, 32), (1024, 128)])
 def test_internode_control_bytes_match_the_core(ranks: int, nodes: int) -> None:
-    assert config.internode_rdma_control_bytes(ranks, nodes) == core().internode_rdma_control_bytes(
-        ranks, nodes
-    )
+    want = core().internode_rdma_control_bytes(ranks, nodes)
+    assert config.internode_rdma_control_bytes_mirror(ranks, nodes) == want
+    assert config.internode_rdma_control_bytes(ranks, nodes) == want
+
+
+@pytest.mark.parametrize(
+    "max_tokens,hidden,ranks,experts",
+    [
+        (128, 7168, 1, 288),
+        (128, 7168, 8, 288),
+        (256, 4096, 16, 256),
+        (1, 128, 2, 2),
+        (64, 2048, 4, 64),
+    ],
+)
+def test_low_latency_hint_matches_the_core(max_tokens, hidden, ranks, experts) -> None:
+    """The hint is two 4 KiB-rounded halves of the core's half_bytes_needed, and the Python
+    mirror (used where the core is not built) gives the same bytes."""
+    c = core()
+    if not hasattr(c, "low_latency_half_bytes"):
+        pytest.fail("mpiep._C has no low_latency_half_bytes: rebuild the core")
+    half = c.low_latency_half_bytes(hidden, max_tokens, experts)
+    want = 2 * ((half + 4095) // 4096 * 4096)
+    assert config.low_latency_rdma_size_mirror(max_tokens, hidden, experts) == want
+    assert config.get_low_latency_rdma_size_hint(max_tokens, hidden, ranks, experts) == want
 
 
 def test_internode_hint_covers_a_worst_routing() -> None:

@@ -134,7 +134,8 @@ constexpr int kMaxTopkSkipping = 32;
 inline size_t row_bytes(int hidden) { return (16 + size_t(hidden) * 2 + 15) / 16 * 16; }
 inline size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-// Bytes one half needs; python/mpiep/config.py get_low_latency_rdma_size_hint mirrors it.
+// Bytes one half needs; python/mpiep/config.py reads it (low_latency_half_bytes) and keeps a
+// mirror for installs without the core (tests/test_sizes.py checks they agree).
 inline size_t half_bytes_needed(int hidden, int max_tokens, int num_experts) {
   const size_t row = row_bytes(hidden), E = num_experts, M = max_tokens, H = hidden;
   return kSignalBytes + align_up(M * row, 128) + align_up(E * M * row, 128) +

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 # Bytes that every buffer reserves for counters, flags and the count matrices.
 CONTROL_BYTES = 1 << 20
@@ -80,11 +81,34 @@ class Config:
         )
 
 
+# -- the buffer formulas: the compiled core is their one source ------------------------------
+# Where mpiep._C is built, the functions below ask it; the ``_mirror`` functions repeat its
+# formulas for installs without the core (the reference backend on a laptop), and
+# tests/test_sizes.py checks that every mirror agrees with the core wherever it is built.
+
+
+@functools.cache
+def _core() -> Any:
+    """mpiep._C, or None where it is not built (or does not load)."""
+    try:
+        from mpiep import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
 def normal_row_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
     """Bytes of one token row in the normal-mode buffer: data, FP8 scales, then the top-k
-    local ids (int32) and weights (float) and the source token id. Mirrors
-    ``intranode::dispatch_row_bytes`` (include/mpiep/intranode.h); tests/test_sizes.py
-    checks the two agree wherever the core is built."""
+    local ids (int32) and weights (float) and the source token id
+    (``intranode::dispatch_row_bytes``, include/mpiep/intranode.h)."""
+    c = _core()
+    if c is None:
+        return normal_row_bytes_mirror(hidden, num_topk, fp8)
+    scales = hidden // FP8_BLOCK if fp8 else 0
+    return int(c.intranode_dispatch_row_bytes(hidden * (1 if fp8 else 2), scales, num_topk))
+
+
+def normal_row_bytes_mirror(hidden: int, num_topk: int, fp8: bool) -> int:
     data = hidden * (1 if fp8 else 2)
     scales = (hidden // FP8_BLOCK) * 4 if fp8 else 0
     return _align(data) + _align(scales) + _align(num_topk * (4 + 4) + 4)
@@ -110,18 +134,28 @@ def low_latency_row_bytes(hidden: int) -> int:
 def get_low_latency_rdma_size_hint(
     num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
 ) -> int:
-    """Symmetric (NVSHMEM) bytes needed by low-latency mode, double-buffered.
+    """Symmetric (NVSHMEM) bytes needed by low-latency mode, double-buffered: two halves of
+    ``half_bytes_needed`` (include/mpiep/low_latency.h), each rounded to 4 KiB."""
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be a multiple of the rank count ({num_ranks})"
+        )
+    c = _core()
+    if c is None or not hasattr(c, "low_latency_half_bytes"):
+        return low_latency_rdma_size_mirror(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+    half = int(c.low_latency_half_bytes(hidden, num_max_dispatch_tokens_per_rank, num_experts))
+    return 2 * _align(half, 4096)
 
-    Mirrors ``half_bytes_needed`` in include/mpiep/low_latency.h. Each of the two halves
+
+def low_latency_rdma_size_mirror(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+) -> int:
+    """The Python mirror of :func:`get_low_latency_rdma_size_hint`. Each of the two halves
     holds a fixed 1 MiB signal area, the staged send messages (``max`` rows), the dispatch
     receive slots (``num_experts * max`` rows), and the combine send and receive areas
     (``num_experts * max`` BF16 rows each). Dispatch and combine do not share memory, so a
     combine can never overwrite dispatch data that a late receive hook still reads.
     """
-    if num_experts % num_ranks:
-        raise ValueError(
-            f"num_experts ({num_experts}) must be a multiple of the rank count ({num_ranks})"
-        )
     m, e = num_max_dispatch_tokens_per_rank, num_experts
     row = low_latency_row_bytes(hidden)
     per_buffer = (
@@ -133,13 +167,20 @@ def get_low_latency_rdma_size_hint(
     return 2 * _align(per_buffer, 4096)
 
 
-# -- internode normal mode (include/mpiep/internode.h mirrors these; tests compare them) --
+# -- internode normal mode (include/mpiep/internode.h) --
 INTERNODE_MAX_LOCAL_EXPERTS = 1024
 INTERNODE_CHUNKS_PER_SOURCE = 4096
 
 
 def internode_rdma_control_bytes(num_ranks: int, num_nodes: int) -> int:
     """Bytes of the symmetric control area (flags, the notify's count rows and staging)."""
+    c = _core()
+    if c is None:
+        return internode_rdma_control_bytes_mirror(num_ranks, num_nodes)
+    return int(c.internode_rdma_control_bytes(num_ranks, num_nodes))
+
+
+def internode_rdma_control_bytes_mirror(num_ranks: int, num_nodes: int) -> int:
     r, n = num_ranks, num_nodes
     parts = [
         r * 8,  # notify flags: count rows
@@ -156,6 +197,20 @@ def internode_rdma_control_bytes(num_ranks: int, num_nodes: int) -> int:
 
 def internode_rdma_row_bytes(hidden: int, num_topk: int, ranks_per_node: int, fp8: bool) -> int:
     """Bytes of one token row in the RDMA area: data, FP8 scales, top-k, source, positions."""
+    c = _core()
+    if c is None:
+        return internode_rdma_row_bytes_mirror(hidden, num_topk, ranks_per_node, fp8)
+    scales = hidden // FP8_BLOCK if fp8 else 0
+    return int(
+        c.internode_rdma_dispatch_row_bytes(
+            hidden * (1 if fp8 else 2), scales, num_topk, ranks_per_node
+        )
+    )
+
+
+def internode_rdma_row_bytes_mirror(
+    hidden: int, num_topk: int, ranks_per_node: int, fp8: bool
+) -> int:
     data = hidden * (1 if fp8 else 2)
     scales = (hidden // FP8_BLOCK) * 4 if fp8 else 0
     return _align(data) + _align(scales) + _align((2 * num_topk + 1 + ranks_per_node) * 4)

@@ -19,6 +19,15 @@ namespace py = pybind11;
 namespace mpiep {
 
 void bind_low_latency(py::module_& m) {
+  // The buffer formulas (python/mpiep/config.py reads them from here where the core is built).
+  m.attr("LOW_LATENCY_SIGNAL_BYTES") = ll::kSignalBytes;
+  m.def(
+      "low_latency_half_bytes",
+      [](int hidden, int max_tokens, int num_experts) {
+        return ll::half_bytes_needed(hidden, max_tokens, num_experts);
+      },
+      py::arg("hidden"), py::arg("max_tokens"), py::arg("num_experts"),
+      "Bytes one of the two halves of the low-latency heap needs.");
   m.def(
       "nvshmem_get_unique_id", [] { return py::bytes(nvshmem_rt::get_unique_id()); },
       "A fresh NVSHMEM unique id (128 bytes); call on one rank and broadcast it.");
