@@ -15,7 +15,7 @@ Every call reads as the same four steps:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -211,15 +211,16 @@ class Buffer:
         self.validate = bool(validate)
         self._native_checks = bool(getattr(self.backend, "native_checks", False))
         # Normal-mode ops that order the comm stream themselves (one native hop per call).
-        self._native_hop = self.comm_stream is not None and hasattr(self.backend, "use_comm_stream")
-        if self._native_hop:
-            self.backend.use_comm_stream(self.comm_stream)  # type: ignore[attr-defined]
+        if isinstance(self._streams, streams.CommStream) and hasattr(
+            self.backend, "use_comm_stream"
+        ):
+            self.backend.use_comm_stream(self._streams.stream)  # type: ignore[attr-defined]
+            self._streams.ops_hop = True
         self._id = hc.new_buffer_id()  # stamped on handles: combine checks where they came from
         self._dispatches = 0  # non-cached dispatch calls: a handle's generation
         # One set of receive-hook rules: the backend's own when it keeps them (GPU engine).
         tracker = getattr(self.backend, "hook_tracker", None)
-        self._hooks_in_backend = isinstance(tracker, HookTracker)
-        self._hooks = tracker if self._hooks_in_backend else HookTracker()
+        self._hooks = tracker if isinstance(tracker, HookTracker) else HookTracker()
         self._shrink: Shrink | None = None
         if enable_shrink:
             self._shrink = Shrink(
@@ -348,26 +349,6 @@ class Buffer:
         else:
             self._checked(what, check, (self, *args), low_latency)
 
-    def _run_normal(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        previous_event: EventOverlap | None,
-        async_finish: bool,
-        allocate_on_comm_stream: bool,
-        inputs: Sequence[torch.Tensor | None],
-        outputs: streams.Outputs,
-    ) -> tuple[Any, EventOverlap]:
-        """A normal-mode call on the comm stream. The default (synchronous, no event in or
-        out) needs no Python stream switch: the native op hops to the comm stream and back."""
-        if self._native_hop and previous_event is None and not async_finish:
-            if allocate_on_comm_stream:
-                raise ValueError("allocate_on_comm_stream=True needs previous_event")
-            return fn(*args), EventOverlap(None)
-        return self._streams.run(
-            fn, args, previous_event, async_finish, allocate_on_comm_stream, inputs, outputs
-        )
-
     def _lean(self) -> bool:
         """Calls skip Buffer's Python tensor checks: no validation, no rank mask, and a
         backend whose native ops raise the same errors themselves (``Backend.native_checks``;
@@ -408,7 +389,7 @@ class Buffer:
             checks.get_dispatch_layout_lean,
             (topk_idx, num_experts),
         )
-        layout, event = self._run_normal(
+        layout, event = self._streams.run(
             self.backend.get_dispatch_layout,
             (topk_idx, num_experts),
             previous_event,
@@ -486,7 +467,7 @@ class Buffer:
             req.num_worst_tokens = handle.num_worst_tokens
         # A handle's generation: the non-cached dispatches sent so far (a refused one is none).
         generation = self._dispatches + (not cached)
-        result, event = self._run_normal(
+        result, event = self._streams.run(
             self.backend.dispatch,
             (req,),
             previous_event,
@@ -535,7 +516,7 @@ class Buffer:
             biases = tuple(b for b in bias if b is not None)
         req = CombineRequest(x, handle, topk_weights, biases, config)
         self._check("combine", checks.combine, checks.combine_lean, (req,))
-        (combined, weights), event = self._run_normal(
+        (combined, weights), event = self._streams.run(
             self.backend.combine,
             (req,),
             previous_event,

@@ -301,7 +301,7 @@ def low_latency_dispatch_lean(buf: Buffer, req: LowLatencyDispatchRequest) -> No
     """Without validation on a backend whose op checks its tensors (``native_checks``): only
     what the native op cannot see. The decode hot path: no tensor property is read here, and
     a backend that keeps the receive-hook rules itself refuses a taken slot before launching."""
-    if not buf._hooks_in_backend:
+    if not buf._ll.backend_hooks:
         buf._hooks.check_free("dispatch")
 
 
@@ -315,7 +315,7 @@ def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_log
     if not isinstance(topk_idx, torch.Tensor):
         raise TypeError(f"topk_idx must be a torch.Tensor, got {type(topk_idx).__name__}")
     hc.check_dispatched_topk(handle, topk_idx)
-    if not buf._hooks_in_backend:
+    if not buf._ll.backend_hooks:
         buf._hooks.check_free("combine")
 
 

@@ -23,10 +23,14 @@ Outputs = Callable[[Any], Sequence[torch.Tensor | None]]
 class CommStream:
     """The communication stream of one Buffer on a CUDA device."""
 
-    __slots__ = ("_hop_in", "_hop_out", "stream")
+    __slots__ = ("_hop_in", "_hop_out", "ops_hop", "stream")
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
+        # True once the backend's normal-mode ops hop to this stream and back themselves
+        # (native StreamHop, Backend.use_comm_stream): a synchronous call without an event
+        # then needs no Python stream switch and no events.
+        self.ops_hop = False
         # Two events reused by every synchronous hop: a new event per call cost more than
         # the launch it orders.
         self._hop_in = torch.cuda.Event()
@@ -45,9 +49,11 @@ class CommStream:
         """Run ``fn(*args)`` on the communication stream after ``previous_event`` (or the
         current stream), then either make the current stream wait (sync) or return an event
         that keeps ``inputs`` and the outputs alive (``async_finish``)."""
-        stream = self.stream
         if allocate_on_comm_stream and previous_event is None:
             raise ValueError("allocate_on_comm_stream=True needs previous_event")
+        if self.ops_hop and previous_event is None and not async_finish:
+            return fn(*args), EventOverlap(None)
+        stream = self.stream
         compute = torch.cuda.current_stream()
         if previous_event is not None and previous_event.event is not None:
             stream.wait_event(previous_event.event)
