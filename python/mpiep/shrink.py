@@ -208,3 +208,7 @@ def _fill_dispatch(into: LowLatencyDispatchResult, fresh: LowLatencyDispatchResu
     into.handle.src_token_idx.copy_(fresh.handle.src_token_idx)
     into.handle.layout_range.copy_(fresh.handle.layout_range)
     into.handle.backend_state = fresh.handle.backend_state
+    # The handle's rows are received now: its receive ticket is settled (a backend that
+    # issued it never gets to, since its own receive gave up and the clean voided it).
+    if into.handle.ticket is not None:
+        into.handle.ticket.called = True

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -98,8 +97,6 @@ class LowLatencyCalls:
         hc.record_dispatched_topk(handle, topk_idx, copy=keep_topk_copy)
         hook = result.hook
         if self.backend_hooks:  # issued and bound by the backend (handle.ticket)
-            if hook is not None and self.shrink is not None:
-                return _settles(handle.ticket, hook)
             return hook
         ticket = handle.ticket = self.hooks.issue("dispatch", hook is not None)
         if hook is not None and ticket is not None:
@@ -141,16 +138,3 @@ class LowLatencyCalls:
             self.backend.clean_low_latency_buffer(max_tokens, hidden, num_experts)
         if not self.backend_hooks:  # the backend's clean cleaned its own
             self.hooks.clean()
-
-
-def _settles(ticket: Any, hook: Hook) -> Hook:
-    """With rank masking a receive that timed out is recovered around the backend's hook
-    (``Shrink._recovering``), which then never marks its ticket: mark it here, so that
-    combine takes the handle."""
-
-    def receive() -> None:
-        hook()
-        if ticket is not None:
-            ticket.called = True
-
-    return receive
