@@ -89,12 +89,14 @@ class Config:
 
 @functools.cache
 def _core() -> Any:
-    """mpiep._C, or None where it is not built (or does not load)."""
+    """mpiep._C (``backends.native.core``), or None where it is not built (or does not load);
+    cached either way, since the capacity checks ask on every call."""
+    from mpiep.backends import native
+
     try:
-        from mpiep import _C  # type: ignore[attr-defined]
+        return native.core()
     except ImportError:
         return None
-    return _C
 
 
 def normal_row_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
@@ -141,7 +143,7 @@ def get_low_latency_rdma_size_hint(
             f"num_experts ({num_experts}) must be a multiple of the rank count ({num_ranks})"
         )
     c = _core()
-    if c is None or not hasattr(c, "low_latency_half_bytes"):
+    if c is None:
         return low_latency_rdma_size_mirror(num_max_dispatch_tokens_per_rank, hidden, num_experts)
     half = int(c.low_latency_half_bytes(hidden, num_max_dispatch_tokens_per_rank, num_experts))
     return 2 * _align(half, 4096)
