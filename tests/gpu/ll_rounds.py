@@ -19,16 +19,34 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import agree  # noqa: F401  (re-exported: the fault and masking tests)
+
 import oracle
+from mpiep import Buffer, get_low_latency_rdma_size_hint
 
 COMM = MPI.COMM_WORLD
+# The fault and masking tests' low-latency shape: max tokens, hidden, top-k, tokens.
+M, H, K, T = 64, 2048, 8, 48
+TIMEOUT_S = 3.0
 
 
-def agree(problems: list[str]) -> None:
-    """Assert on every rank at once that no rank found a problem (none is left waiting)."""
-    everyone = COMM.allgather(problems[:4])
-    bad = {r: p for r, p in enumerate(everyone) if p}
-    assert not bad, bad
+def experts() -> int:
+    return 8 * COMM.size
+
+
+def ll_buffer(enable_shrink: bool = False) -> Buffer:
+    """A low-latency Buffer of that shape on the CUDA backend with a short peer timeout."""
+    heap = get_low_latency_rdma_size_hint(M, H, COMM.size, experts())
+    return Buffer(
+        COMM,
+        num_rdma_bytes=heap,
+        low_latency_mode=True,
+        backend="cuda",
+        timeout_s=TIMEOUT_S,
+        validate=False,
+        enable_shrink=enable_shrink,
+    )
 
 
 def attempt(fn: Any) -> list[str]:

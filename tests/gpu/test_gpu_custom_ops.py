@@ -22,15 +22,13 @@ import pytest
 torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import core_has, gpu_marks, run_checked  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import oracle  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
-
-    HAVE_CORE = hasattr(_C, "LowLatencyContext")
-except ImportError:
-    HAVE_CORE = False
+HAVE_CORE = core_has("LowLatencyContext")
 try:
     from mpiep.backends import native
 
@@ -39,14 +37,13 @@ try:
 except (ImportError, OSError):
     HAVE_OPS = False
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=1),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without low-latency kernels"),
-    pytest.mark.skipif(not HAVE_OPS, reason="mpiep._ops without the torch custom ops"),
-    pytest.mark.timeout(600),
-]
+pytestmark = gpu_marks(
+    1,
+    HAVE_CORE,
+    "low-latency kernels",
+    timeout=600,
+    extra=(pytest.mark.skipif(not HAVE_OPS, reason="mpiep._ops without the torch custom ops"),),
+)
 
 COMM = MPI.COMM_WORLD
 M, T, H, K = 64, 48, 2048, 4  # max tokens per rank, tokens, hidden, top-k
@@ -71,19 +68,6 @@ BACKENDS = [
 
 
 # --------------------------------------------------------------------------- helpers
-def agree(ok: bool, msg: str) -> None:
-    results = COMM.allgather((bool(ok), msg))
-    bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
-    assert not bad, "; ".join(bad)
-
-
-def run_checked(fn) -> None:  # type: ignore[no-untyped-def]
-    try:
-        fn()
-        ok, msg = True, ""
-    except Exception as exc:  # reported collectively below
-        ok, msg = False, f"{type(exc).__name__}: {exc}"
-    agree(ok, msg)
 
 
 def num_experts() -> int:

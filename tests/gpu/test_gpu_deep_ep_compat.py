@@ -18,25 +18,17 @@ import pytest
 torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import core_has, gpu_marks  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deep_ep_scenarios as sc  # noqa: E402
 import mpiep.deep_ep as deep_ep  # noqa: E402
 from conftest import collective_check  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("IntranodeRuntime", "LowLatencyContext")
 
-    HAVE_CORE = hasattr(_C, "IntranodeRuntime") and hasattr(_C, "LowLatencyContext")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the GPU kernels"),
-    pytest.mark.timeout(300),
-]
+pytestmark = gpu_marks(2, HAVE_CORE, "the GPU kernels", timeout=300)
 
 COMM = MPI.COMM_WORLD
 HIDDEN = 2048

@@ -27,52 +27,36 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
-from ll_rounds import COMM, LLRound, agree, attempt  # noqa: E402
+from gpu_common import core_has, gpu_marks  # noqa: E402
+from ll_rounds import (  # noqa: E402
+    COMM,
+    TIMEOUT_S,
+    H,
+    K,
+    LLRound,
+    M,
+    T,
+    agree,
+    attempt,
+    experts,
+    ll_buffer,
+)
 
-from mpiep import Buffer, get_low_latency_rdma_size_hint  # noqa: E402
+from mpiep import Buffer  # noqa: E402
 from mpiep.config import get_internode_rdma_size_hint, get_normal_buffer_size_hint  # noqa: E402
 from mpiep.errors import PeerTimeoutError  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("TEST_STALL_PHASES")
 
-    HAVE_CORE = hasattr(_C, "TEST_STALL_PHASES")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the stall switch"),
-    pytest.mark.timeout(240),
-]
+pytestmark = gpu_marks(2, HAVE_CORE, "the stall switch", timeout=240)
 
 STALLER = 1
-TIMEOUT_S = 3.0
 SLACK_S = 1.0  # the contract: the error comes within timeout_s + 1 s
-M, H, K, T = 64, 2048, 8, 48  # low latency: max tokens, hidden, top-k, tokens
 LL_PHASES = {  # stall phase -> (call, what the message says was awaited)
     "ll_dispatch_count": ("dispatch", "the token count"),
     "ll_dispatch_data": ("dispatch", "token rows"),
     "ll_combine": ("combine", "expert outputs"),
 }
-
-
-def experts() -> int:
-    return 8 * COMM.size
-
-
-def ll_buffer() -> Buffer:
-    heap = get_low_latency_rdma_size_hint(M, H, COMM.size, experts())
-    return Buffer(
-        COMM,
-        num_rdma_bytes=heap,
-        low_latency_mode=True,
-        backend="cuda",
-        timeout_s=TIMEOUT_S,
-        validate=False,
-    )
 
 
 def check_timeout(err: BaseException | None, elapsed: float, words: tuple[str, ...]) -> list[str]:

@@ -27,21 +27,11 @@ MPI = pytest.importorskip("mpi4py.MPI")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
 from engine_calls import normal_combine, normal_dispatch  # noqa: E402
+from gpu_common import core_has, gpu_marks  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("InternodeRuntime")
 
-    HAVE_CORE = hasattr(_C, "InternodeRuntime")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the internode kernels"),
-    pytest.mark.timeout(600),
-]
+pytestmark = gpu_marks(2, HAVE_CORE, "the internode kernels", timeout=600)
 
 NUM_EXPERTS = 64
 NVL_BYTES = 256 << 20

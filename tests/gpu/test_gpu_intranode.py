@@ -29,23 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
 from engine_calls import normal_combine, normal_dispatch  # noqa: E402
+from gpu_common import core_has, gpu_marks, run_checked  # noqa: E402
 
 import oracle  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("IntranodeRuntime")
 
-    HAVE_CORE = hasattr(_C, "IntranodeRuntime")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the intranode kernels"),
-    pytest.mark.timeout(300),
-]
+pytestmark = gpu_marks(2, HAVE_CORE, "the intranode kernels", timeout=300)
 
 NUM_EXPERTS = 64
 # One fp32 sum per token, in another order than the expectation's, then one BF16 rounding.
@@ -57,24 +47,6 @@ ENGINE_TIMEOUT_S = 15.0  # a hung kernel reports within this, naming rank and ph
 # --------------------------------------------------------------------------- helpers
 def world():
     return MPI.COMM_WORLD
-
-
-def agree(ok: bool, msg: str) -> None:
-    """Assert on every rank that every rank passed; failures carry every rank's message."""
-    results = world().allgather((bool(ok), msg))
-    bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
-    assert not bad, "; ".join(bad)
-
-
-def run_checked(fn) -> None:
-    try:
-        fn()
-        ok, msg = True, ""
-    except Exception as exc:  # reported collectively below
-        import traceback
-
-        ok, msg = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-    agree(ok, msg)
 
 
 class Engines:

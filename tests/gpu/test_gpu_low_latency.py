@@ -21,23 +21,14 @@ MPI = pytest.importorskip("mpi4py.MPI")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_calls import ll_combine, ll_dispatch  # noqa: E402
+from gpu_common import agree_ok, core_has, gpu_marks, run_checked  # noqa: E402
 
 import oracle  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
-
-    HAVE_CORE = hasattr(_C, "LowLatencyContext")
-except ImportError:
-    HAVE_CORE = False
+HAVE_CORE = core_has("LowLatencyContext")
 
 MIN_RANKS = 1 if os.environ.get("MPIEP_NP") == "1" else 2
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=MIN_RANKS),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without low-latency kernels"),
-]
+pytestmark = gpu_marks(MIN_RANKS, HAVE_CORE, "low-latency kernels")
 
 
 MAX_TOKENS = 128
@@ -47,22 +38,6 @@ BENCH_EXPERTS = 288  # the speed bar's configuration sizes the shared engine
 # --------------------------------------------------------------------------- helpers
 def world():
     return MPI.COMM_WORLD
-
-
-def agree(ok: bool, msg: str) -> None:
-    """Assert on every rank that every rank passed; failures carry every rank's message."""
-    results = world().allgather((bool(ok), msg))
-    bad = [f"rank {r}: {m}" for r, (o, m) in enumerate(results) if not o]
-    assert not bad, "; ".join(bad)
-
-
-def run_checked(fn) -> None:
-    try:
-        fn()
-        ok, msg = True, ""
-    except Exception as exc:  # reported collectively below
-        ok, msg = False, f"{type(exc).__name__}: {exc}"
-    agree(ok, msg)
 
 
 def to_torch_bf16(bits: np.ndarray, device) -> torch.Tensor:
@@ -554,7 +529,7 @@ def test_timeout_names_rank_and_phase(engine):
         engine.timeout_s = old
     comm.Barrier()
     engine.clean_low_latency_buffer(MAX_TOKENS, H, E)
-    agree(ok, msg)
+    agree_ok(ok, msg)
     run_checked(lambda: run_case(engine, 91, 32, H, 4))  # usable again after cleaning
 
 
@@ -617,4 +592,4 @@ def test_fp8_non_finite_blocks(engine, scales):
 
     run_checked(body)
     total = world().allreduce(seen["bad_rows"])
-    agree(total > 0, "no non-finite row was received anywhere: the test tests nothing")
+    agree_ok(total > 0, "no non-finite row was received anywhere: the test tests nothing")

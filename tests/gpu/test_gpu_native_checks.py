@@ -5,30 +5,25 @@ alike and the Buffer stays usable. Every rank makes the same bad call here."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import core_has, gpu_marks  # noqa: E402
 
 from mpiep import Buffer, get_low_latency_rdma_size_hint, get_normal_buffer_size_hint  # noqa: E402
 from mpiep.bench.data import make_routing, make_x  # noqa: E402
 from mpiep.errors import CapacityError  # noqa: E402
 from mpiep.fp8 import per_token_cast_to_fp8  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("IntranodeRuntime", "LowLatencyContext")
 
-    HAVE_CORE = hasattr(_C, "IntranodeRuntime") and hasattr(_C, "LowLatencyContext")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=2),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the GPU kernels"),
-    pytest.mark.timeout(300),
-]
+pytestmark = gpu_marks(2, HAVE_CORE, "the GPU kernels", timeout=300)
 
 COMM = MPI.COMM_WORLD
 T, H, K = 32, 2048, 4

@@ -20,35 +20,18 @@ MPI = pytest.importorskip("mpi4py.MPI")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
+from gpu_common import agree, core_has, gpu_marks  # noqa: E402
 
 import oracle  # noqa: E402
 from mpiep import Buffer, get_normal_buffer_size_hint  # noqa: E402
 from mpiep.fp8 import per_token_cast_to_fp8  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("IntranodeRuntime")
 
-    HAVE_CORE = hasattr(_C, "IntranodeRuntime")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=1),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without the GPU kernels"),
-    pytest.mark.timeout(300),
-]
+pytestmark = gpu_marks(1, HAVE_CORE, "the GPU kernels", timeout=300)
 
 WORLD = MPI.COMM_WORLD
 T, H, K, REPLAYS = 96, 2048, 4, 3
-
-
-def agree(problems: list[str]) -> None:
-    """Assert on every rank of the job at once, so that no rank is left in a collective."""
-    everyone = WORLD.allgather(problems[:3])
-    bad = {r: p for r, p in enumerate(everyone) if p}
-    assert not bad, bad
 
 
 def device() -> torch.device:
@@ -60,6 +43,17 @@ def device() -> torch.device:
 
 def bits(t: torch.Tensor) -> np.ndarray:
     return nc.np_bits(t)
+
+
+def normal_buffer(comm, dev: torch.device) -> Buffer:  # type: ignore[no-untyped-def]
+    """A normal-mode Buffer for T tokens of H on ``comm``'s ranks, CUDA backend."""
+    return Buffer(
+        comm,
+        num_nvl_bytes=get_normal_buffer_size_hint(T, H, comm.size, K),
+        backend="cuda",
+        validate=False,
+        device=dev,
+    )
 
 
 def new_x(seed: int, dev: torch.device) -> torch.Tensor:
@@ -102,16 +96,10 @@ def test_cached_dispatch_and_combine_replay(group: str, pattern: str) -> None:
     recv_all = [oracle.normal_dispatch(idx_all, w_all, E, r) for r in range(R)]
     idx, w = torch.from_numpy(idx_np).to(dev), torch.from_numpy(w_np).to(dev)
 
-    buf = Buffer(
-        comm,
-        num_nvl_bytes=get_normal_buffer_size_hint(T, H, R, K),
-        backend="cuda",
-        validate=False,
-        device=dev,
-    )
+    buf = normal_buffer(comm, dev)
     problems: list[str] = []
     try:
-        assert buf._native_hop and buf.backend.normal._hop, "the op's comm-stream hop is on"
+        assert buf._streams.ops_hop and buf.backend.normal._hop, "the op's comm-stream hop is on"
         x = new_x(seed, dev)
         xq, xs = per_token_cast_to_fp8(x)
         per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
@@ -247,13 +235,7 @@ def test_plain_dispatch_capture_says_why() -> None:
     idx_np, w_np = oracle.make_routing(rng, T, K, E, R, me, "random")
     recv = oracle.normal_dispatch(WORLD.allgather(idx_np), WORLD.allgather(w_np), E, me)
     idx, w = torch.from_numpy(idx_np).to(dev), torch.from_numpy(w_np).to(dev)
-    buf = Buffer(
-        WORLD,
-        num_nvl_bytes=get_normal_buffer_size_hint(T, H, R, K),
-        backend="cuda",
-        validate=False,
-        device=dev,
-    )
+    buf = normal_buffer(WORLD, dev)
     problems: list[str] = []
     try:
         x = new_x(99 + me, dev)

@@ -28,46 +28,30 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_calls import ll_combine, ll_dispatch  # noqa: E402
-from ll_rounds import COMM, LLRound, agree, attempt  # noqa: E402
+from gpu_common import core_has, gpu_marks  # noqa: E402
+from ll_rounds import (  # noqa: E402
+    COMM,
+    TIMEOUT_S,
+    H,
+    K,
+    LLRound,
+    M,
+    T,
+    agree,
+    attempt,
+    experts,
+    ll_buffer,
+)
 
 from mpiep import Buffer, get_low_latency_rdma_size_hint  # noqa: E402
 
-try:
-    from mpiep import _C  # type: ignore[attr-defined]
+HAVE_CORE = core_has("LowLatencyContext", "LowLatencyContext.set_active")
 
-    HAVE_CORE = hasattr(_C, "LowLatencyContext") and hasattr(_C.LowLatencyContext, "set_active")
-except ImportError:
-    HAVE_CORE = False
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi(min_size=3),  # two survivors at least: one alone cannot agree
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_CORE, reason="mpiep._C without rank masking"),
-    pytest.mark.timeout(300),
-]
+# Two survivors at least: one alone cannot agree.
+pytestmark = gpu_marks(3, HAVE_CORE, "rank masking", timeout=300)
 
 
 GONE = 1  # the rank that stops answering, or is masked
-TIMEOUT_S = 3.0
-M, H, K, T = 64, 2048, 8, 48
-
-
-def experts() -> int:
-    return 8 * COMM.size
-
-
-def shrink_buffer() -> Buffer:
-    heap = get_low_latency_rdma_size_hint(M, H, COMM.size, experts())
-    return Buffer(
-        COMM,
-        num_rdma_bytes=heap,
-        low_latency_mode=True,
-        backend="cuda",
-        timeout_s=TIMEOUT_S,
-        validate=False,
-        enable_shrink=True,
-    )
 
 
 def new_round(seed: int, buf: Buffer, reach: int | None = None) -> LLRound:
@@ -90,7 +74,7 @@ def test_rank_that_stops_answering_is_masked_by_the_kernels(phase: str, hook: bo
     timeout in round 1, and round 1's combine has completed everywhere by then), after which
     GONE is masked on the host too; round 4 is as fast as round 2."""
     me = COMM.rank
-    buf = shrink_buffer()
+    buf = ll_buffer(enable_shrink=True)
     try:
         assert buf.backend.supports_masking
         warm = new_round(31, buf)
@@ -152,7 +136,7 @@ def survivors_go_on(buf: Buffer, later: list[LLRound], hook: bool) -> None:
 # --------------------------------------------------------------------------- by the caller
 def test_mask_by_the_caller_query_and_clear() -> None:
     me = COMM.rank
-    buf = shrink_buffer()
+    buf = ll_buffer(enable_shrink=True)
     try:
         rnd = new_round(41, buf, reach=GONE)
         agree(attempt(lambda: rnd.full_round(buf, set())))
