@@ -52,6 +52,20 @@ def make_buffer(group: MPI.Comm, backend: str, **kwargs: Any) -> Any:
     return Buffer(group, backend=backend, timeout_s=TIMEOUT_S, device=device, **kwargs)
 
 
+def on(buf: Any, value: Any) -> Any:
+    """``value`` (a tensor, a tuple of them, or None) on the Buffer's device."""
+    if isinstance(value, tuple):
+        return tuple(on(buf, v) for v in value)
+    return value.to(buf.device) if isinstance(value, torch.Tensor) else value
+
+
+def host(value: Any) -> Any:
+    """Library outputs on the CPU, where the comparisons read them."""
+    if isinstance(value, tuple):
+        return tuple(host(v) for v in value)
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
 def close(got: np.ndarray, want: np.ndarray, what: str, problems: list[str]) -> None:
     """Per element, within BF16 rounding of a float32 sum; Inf/NaN where the oracle has them."""
     if got.shape != want.shape:
@@ -130,6 +144,7 @@ def check_normal(group: MPI.Comm, ex: Example, backend: str) -> list[str]:
 
     nvl = get_normal_buffer_size_hint(max(sum(ex.tokens), 1), ex.hidden, n, ex.topk)
     buf = make_buffer(group, backend, num_nvl_bytes=nvl)
+    x, x2, idx, w = on(buf, (x, x2, idx, w))
     try:
         layout = buf.get_dispatch_layout(idx, ex.num_experts)
         per_rank, per_rdma, per_expert, in_rank, _ = layout
@@ -144,9 +159,13 @@ def check_normal(group: MPI.Comm, ex: Example, backend: str) -> list[str]:
             expert_alignment=ex.alignment,
             num_worst_tokens=worst,
         )
-        y = bf16_tensor(y_bits[r])
+        y = on(buf, bf16_tensor(y_bits[r]))
         combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
         cached_x, *_ = buf.dispatch(x2, handle=handle)
+        per_rank, per_expert, in_rank, recv_x, recv_idx, recv_w = host(
+            (per_rank, per_expert, in_rank, recv_x, recv_idx, recv_w)
+        )
+        combined, combined_w, cached_x = host((combined, combined_w, cached_x))
     finally:
         buf.destroy()
 
@@ -246,7 +265,8 @@ def ll_combine_input(ex: Example, r: int, handle: Any, x_bits: list[np.ndarray])
     c = expert_factor(ex)
     y = np.full((e_local, rows, ex.hidden), oracle.f32_to_bf16(np.float32([3e4]))[0], np.uint16)
     try:
-        layout_range, src = handle.layout_range.numpy(), handle.src_token_idx.numpy()
+        layout_range, src = host((handle.layout_range, handle.src_token_idx))
+        layout_range, src = layout_range.numpy(), src.numpy()
         for j in range(e_local):
             for s in range(ex.num_ranks):
                 start, count = (int(v) for v in layout_range[j, s])
@@ -271,17 +291,17 @@ def check_low_latency(group: MPI.Comm, ex: Example, backend: str) -> list[str]:
     from mpiep import get_low_latency_rdma_size_hint
 
     rdma = get_low_latency_rdma_size_hint(ex.max_tokens, ex.hidden, n, ex.num_experts)
-    buf = make_buffer(group, backend, num_rdma_bytes=rdma, low_latency_mode=True)
+    # The CapacityError is the contract of a validating Buffer (the reference's default);
+    # without validation the GPU kernels drop the pairs past max_tokens (docs/semantics.md).
+    validate = True if any(over) else None
+    buf = make_buffer(group, backend, num_rdma_bytes=rdma, low_latency_mode=True, validate=validate)
+    x, idx, w = on(buf, (bf16_tensor(x_bits[r]), idx, w))
     try:
         if any(over):
-            err = _raised(
-                lambda: buf.low_latency_dispatch(
-                    bf16_tensor(x_bits[r]), idx, ex.max_tokens, ex.num_experts
-                )
-            )
+            err = _raised(lambda: buf.low_latency_dispatch(x, idx, ex.max_tokens, ex.num_experts))
             return _expect_rejected(err, over, r, CapacityError, "pairs to expert")
         recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(
-            bf16_tensor(x_bits[r]),
+            x,
             idx,
             ex.max_tokens,
             ex.num_experts,
@@ -289,18 +309,19 @@ def check_low_latency(group: MPI.Comm, ex: Example, backend: str) -> list[str]:
             round_scale=round_scale,
             use_ue8m0=use_ue8m0,
         )
-        y = ll_combine_input(ex, r, handle, x_bits)
+        y = on(buf, ll_combine_input(ex, r, handle, x_bits))
         combined, _, _ = buf.low_latency_combine(y, idx, w, handle)
+        recv_x, recv_count, combined = host((recv_x, recv_count, combined))
+        layout_range, src = host((handle.layout_range, handle.src_token_idx))
     finally:
         buf.destroy()
 
     problems: list[str] = []
     if not np.array_equal(recv_count.numpy(), want.recv_count):
         return [f"recv_count {recv_count.tolist()} != {want.recv_count.tolist()}"]
-    layout_range = handle.layout_range.numpy()
+    layout_range, src = layout_range.numpy(), src.numpy()
     if not np.array_equal(layout_range, want.layout_range()):
         return ["layout_range differs"]
-    src = handle.src_token_idx.numpy()
     refs = []
     for bits in x_bits:
         xs = oracle.bf16_to_f32(bits)

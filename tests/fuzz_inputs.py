@@ -68,9 +68,17 @@ class Example:
 
 
 @st.composite
-def examples(draw: st.DrawFn, world_size: int, low_latency: bool) -> Example:
-    n = draw(st.integers(1, world_size))
-    members = tuple(draw(st.permutations(range(world_size)))[:n])
+def examples(
+    draw: st.DrawFn, world_size: int, low_latency: bool, whole_world: bool = False
+) -> Example:
+    """``whole_world``: the group is every rank in world order (NVSHMEM runs once per
+    process, on the first low-latency Buffer's ranks, so the GPU engine cannot follow
+    groups that change from example to example)."""
+    if whole_world:
+        n, members = world_size, tuple(range(world_size))
+    else:
+        n = draw(st.integers(1, world_size))
+        members = tuple(draw(st.permutations(range(world_size)))[:n])
     max_tokens = draw(st.integers(1, 12)) if low_latency else 0
     cap = max_tokens if low_latency else 24
     tokens = tuple(draw(st.one_of(st.just(0), st.integers(1, cap), st.just(cap))) for _ in range(n))

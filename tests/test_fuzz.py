@@ -48,7 +48,7 @@ def test_fuzz_normal_mode(comm: MPI.Comm, backend: str) -> None:
 @pytest.mark.parametrize("backend", _backends())
 def test_fuzz_low_latency_mode(comm: MPI.Comm, backend: str) -> None:
     @FUZZ_SETTINGS
-    @given(ex=examples(comm.size, low_latency=True))
+    @given(ex=examples(comm.size, low_latency=True, whole_world=backend == "cuda"))
     def one(ex: Example) -> None:
         run_example(comm, ex, lambda group, e: check_low_latency(group, e, backend))
 
