@@ -48,19 +48,26 @@ def host_us(fn: Callable[[], object], n: int, after: Callable[[], None] | None =
     return statistics.median(samples)
 
 
-def stream_us(fn: Callable[[], object], n: int) -> float:
-    """Back-to-back time per call on the stream (CUDA events around n calls), after a
-    warm-up (the first calls of a new pattern grow the caching allocator's pools)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def stream_us(fn: Callable[[], object], n: int, batch: int = 10) -> float:
+    """Back-to-back time per call on the stream: CUDA events around batches of ``batch``
+    calls, median over the batches (one preempted batch on a busy host would move a mean by
+    tens of microseconds), after a warm-up (the first calls of a new pattern grow the
+    caching allocator's pools)."""
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(max(1, n // batch))
+    ]
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
+    for start, end in pairs:
+        start.record()
+        for _ in range(batch):
+            fn()
+        end.record()
+    pairs[-1][1].synchronize()
+    per_batch = [start.elapsed_time(end) * 1e3 / batch for start, end in pairs]
+    return statistics.median(per_batch)
 
 
 def per_call_us(stmt: Callable[[], object], n: int = 2000) -> float:
@@ -209,11 +216,11 @@ def main() -> None:
         buffer_combine()
 
     comm.Barrier()
-    emit("ll pair fp8 dispatch + combine [buffer]", stream_us=stream_us(pair, 50))
+    emit("ll pair fp8 dispatch + combine [buffer]", stream_us=stream_us(pair, 100))
     comm.Barrier()
-    emit("ll dispatch fp8 back-to-back [buffer]", stream_us=stream_us(buffer_dispatch, 50))
+    emit("ll dispatch fp8 back-to-back [buffer]", stream_us=stream_us(buffer_dispatch, 100))
     comm.Barrier()
-    emit("ll combine back-to-back [buffer]", stream_us=stream_us(buffer_combine, 50))
+    emit("ll combine back-to-back [buffer]", stream_us=stream_us(buffer_combine, 100))
 
     hooks: list[Callable[[], None]] = []
 
@@ -277,7 +284,7 @@ def main() -> None:
             emit(
                 f"normal {name} T={t} [buffer]",
                 host_us=host_us(fn, args.iters // 2),
-                stream_us=stream_us(fn, 20),
+                stream_us=stream_us(fn, 40),
             )
 
     if args.pieces and comm.rank == 0:
