@@ -62,6 +62,7 @@ def _ll_round(buf: Buffer, E: int) -> None:
 
 LL_DISPATCH_CASES = {
     "x float32": (TypeError, "x", dict(x=lambda x: x.float())),
+    "x a tuple": (TypeError, "x must be a torch.Tensor", dict(x=lambda x: (x, x))),
     "x 1-D": (ValueError, "x", dict(x=lambda x: x[0])),
     "x not contiguous": (ValueError, "contiguous", dict(x=lambda x: x[:, ::2])),
     "x on the CPU": (ValueError, "CUDA", dict(x=lambda x: x.cpu())),
@@ -112,6 +113,9 @@ LL_COMBINE_CASES = {
     "weights float64": (TypeError, "topk_weights", dict(w=lambda w: w.double())),
     "weights shape": (ValueError, "topk_weights", dict(w=lambda w: w[:, :1].contiguous())),
     "x float32": (TypeError, "x", dict(y=lambda y: y.float())),
+    # An FP8 dispatch's (data, scales) passed straight on: not the binding's overload list.
+    "x an FP8 tuple": (TypeError, "cannot be combined directly", dict(y=lambda y: (y, y))),
+    "weights a list": (TypeError, "topk_weights must be a torch.Tensor", dict(w=lambda w: [w])),
     "x shape": (ValueError, "x", dict(y=lambda y: y[:, :-1].contiguous())),
     "out float32": (TypeError, "out", dict(out=lambda dev: torch.empty(T, H, device=dev))),
     "use_logfmt": (ValueError, "use_logfmt", dict(logfmt=True)),

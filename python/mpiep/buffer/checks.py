@@ -297,10 +297,19 @@ def low_latency_dispatch(buf: Buffer, req: LowLatencyDispatchRequest) -> Signatu
     )
 
 
+def _must_be_tensor(name: str, value: object, hint: str = "") -> None:
+    """A clear TypeError where the native op's binding would list its overloads instead."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
+
+
 def low_latency_dispatch_lean(buf: Buffer, req: LowLatencyDispatchRequest) -> None:
     """Without validation on a backend whose op checks its tensors (``native_checks``): only
-    what the native op cannot see. The decode hot path: no tensor property is read here, and
+    what the native op cannot see (the op reads dtypes, shapes and devices; its binding
+    cannot take a non-tensor). The decode hot path: no tensor property is read here, and
     a backend that keeps the receive-hook rules itself refuses a taken slot before launching."""
+    _must_be_tensor("x", req.x, " (BF16 [num_tokens, hidden])")
+    _must_be_tensor("topk_idx", req.topk_idx)
     if not buf._ll.backend_hooks:
         buf._hooks.check_free("dispatch")
 
@@ -312,11 +321,21 @@ def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_log
     hc.check_received(handle)
     if use_logfmt:
         raise ValueError("use_logfmt is not supported yet")
-    if not isinstance(topk_idx, torch.Tensor):
-        raise TypeError(f"topk_idx must be a torch.Tensor, got {type(topk_idx).__name__}")
+    _must_be_tensor("x", req.x, _COMBINE_X_HINT)
+    _must_be_tensor("topk_idx", topk_idx)
+    _must_be_tensor("topk_weights", req.topk_weights)
+    if req.out is not None:
+        _must_be_tensor("out", req.out)
     hc.check_dispatched_topk(handle, topk_idx)
     if not buf._ll.backend_hooks:
         buf._hooks.check_free("combine")
+
+
+# An FP8 dispatch returns (data, scales); its rows go through the experts before combine.
+_COMBINE_X_HINT = (
+    " (the experts' BF16 outputs [E_local, R * max_tokens, hidden]; an FP8 dispatch's "
+    "(data, scales) cannot be combined directly)"
+)
 
 
 def low_latency_combine(buf: Buffer, req: LowLatencyCombineRequest, use_logfmt: bool) -> Signature:
