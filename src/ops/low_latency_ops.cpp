@@ -9,6 +9,12 @@ namespace mpiep {
 namespace ops {
 namespace {
 
+// A combine also waits for rows its dispatch dropped (docs/semantics.md): say so.
+constexpr const char* kDroppedPairsHint =
+    ", or, without validation, its dispatch dropped (token, slot) pairs past "
+    "num_max_dispatch_tokens_per_rank (an expert repeated in tokens' top-k; validate=True "
+    "raises a CapacityError instead)";
+
 LowLatencyContext& context(int64_t address) {
   if (address == 0) bad_arg("low-latency context is null (engine destroyed?)");
   auto& ctx = *reinterpret_cast<LowLatencyContext*>(address);
@@ -22,8 +28,9 @@ LowLatencyContext& context(int64_t address) {
                     (e->peer >= 0 ? "rank " + std::to_string(e->peer) : "its experts' ranks") +
                     " (index " + std::to_string(e->index) + ": saw " + std::to_string(e->observed) +
                     ", expected " + std::to_string(e->expected) +
-                    "); a peer crashed, hangs or skipped the call. Call "
-                    "clean_low_latency_buffer on every rank to recover");
+                    "); a peer crashed, hangs or skipped the call" +
+                    (phase == 3 ? kDroppedPairsHint : "") +
+                    ". Call clean_low_latency_buffer on every rank to recover");
   }
   return ctx;
 }

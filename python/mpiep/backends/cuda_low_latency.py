@@ -47,6 +47,14 @@ from mpiep.errors import PeerTimeoutError
 from mpiep.handles import LowLatencyHandle
 from mpiep.hooks import HookTracker
 
+# A combine also waits for rows its dispatch dropped (docs/semantics.md); as in
+# src/ops/low_latency_ops.cpp.
+DROPPED_PAIRS_HINT = (
+    ", or, without validation, its dispatch dropped (token, slot) pairs past "
+    "num_max_dispatch_tokens_per_rank (an expert repeated in tokens' top-k; validate=True "
+    "raises a CapacityError instead)"
+)
+
 _WAIT_PHASES = {
     1: ("dispatch", "the token count"),
     2: ("dispatch", "token rows"),
@@ -173,10 +181,11 @@ class LowLatencyEngine:
         src = f"rank {peer}" if peer >= 0 else "the expert ranks"
         where = {1: "local expert", 2: "local expert", 3: "token"}.get(phase)
         detail = f" ({where} {index}: saw {observed}, expected {expected})" if where else ""
+        hint = DROPPED_PAIRS_HINT if phase == 3 else ""
         return PeerTimeoutError(
             f"rank {rank}/{self.comm.size}: low-latency {op} timed out after {self.timeout_s:g}s "
-            f"waiting for {what} from {src}{detail}; a peer crashed, hangs or skipped the call. "
-            "Call clean_low_latency_buffer on every rank to recover"
+            f"waiting for {what} from {src}{detail}; a peer crashed, hangs or skipped the call"
+            f"{hint}. Call clean_low_latency_buffer on every rank to recover"
         )
 
     # -- dispatch ------------------------------------------------------------------
