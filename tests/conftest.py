@@ -140,6 +140,31 @@ def rng(seed: int, comm: MPI.Comm) -> np.random.Generator:
     return np.random.default_rng(seed + comm.rank)
 
 
+@pytest.fixture
+def same_draws_on_every_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hypothesis under MPI: every rank must draw the same examples. Hypothesis >= 6.131
+    mixes into its draws constants read from the source of the local modules the process
+    has imported, and ranks that ran different code before (some tests import a module on
+    one rank only) hold different pools: they drew different examples, then waited in
+    different collectives. Here every rank draws without local constants."""
+    import hypothesis
+    from hypothesis.internal.conjecture import providers
+
+    if not hasattr(providers, "_get_local_constants"):
+        if hypothesis.__version_info__ >= (6, 131, 0):
+            pytest.fail(
+                f"Hypothesis {hypothesis.__version__} keeps local constants elsewhere: "
+                "update same_draws_on_every_rank (tests/conftest.py)"
+            )
+        yield  # older Hypothesis draws no local constants
+        return
+    none = providers.Constants()
+    monkeypatch.setattr(providers, "_get_local_constants", lambda: none)
+    providers.CONSTANTS_CACHE.cache.clear()  # pools cached per draw kind
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()
+
+
 @pytest.fixture(params=["world", "split2", "split3"])
 def ep_comm(request: pytest.FixtureRequest, comm: MPI.Comm) -> Iterator[MPI.Comm | None]:
     """COMM_WORLD, or the first 2 or 3 ranks of it (None on the ranks left out).

@@ -10,14 +10,20 @@ outputs. ``MPIEP_FUZZ_EXAMPLES`` sets the examples per test (default 100).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 from hypothesis import event, given
+from hypothesis import strategies as st
 from mpi4py import MPI
 
 from fuzz_checks import check_low_latency, check_normal, normal_recv_all, run_example
 from fuzz_inputs import FUZZ_SETTINGS, Example, examples
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.usefixtures("same_draws_on_every_rank")]
 
 
 def _backends() -> list[str]:
@@ -53,3 +59,31 @@ def test_fuzz_low_latency_mode(comm: MPI.Comm, backend: str) -> None:
         run_example(comm, ex, lambda group, e: check_low_latency(group, e, backend))
 
     one()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_rank_draws_the_same_examples(comm: MPI.Comm) -> None:
+    """The harness's premise, after rank 0 alone imported a local module: Hypothesis mixes
+    constants from the source of such modules into its draws (read at its next draw; not
+    from test folders, hence a module in a temporary folder)."""
+    drawn: list[int] = []
+
+    @FUZZ_SETTINGS
+    @given(st.integers(0, 2**31 - 1))
+    def one(value: int) -> None:
+        drawn.append(value)
+
+    with tempfile.TemporaryDirectory() as folder:
+        if comm.rank == 0:
+            source = Path(folder) / "odd_constants.py"
+            source.write_text("ODD = (987_654_321, 123_456_789, 2_000_000_011, 31_415_926)\n")
+            spec = importlib.util.spec_from_file_location("odd_constants", source)
+            assert spec is not None and spec.loader is not None
+            sys.modules["odd_constants"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules["odd_constants"])
+        try:
+            one()
+        finally:
+            sys.modules.pop("odd_constants", None)
+    everyone = comm.allgather(drawn)
+    assert all(d == everyone[0] for d in everyone), "ranks drew different examples"

@@ -25,7 +25,7 @@ from fuzz_checks import TIMEOUT_S, run_example
 from fuzz_inputs import FUZZ_SETTINGS, Example, routing, x_values
 from mpiep.errors import ArgumentMismatchError, CapacityError
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.usefixtures("same_draws_on_every_rank")]
 
 MAX_TOKENS = 8
 # kind -> (low latency?, the error of a bad rank, words its message must hold)
