@@ -15,6 +15,13 @@ from mpiep.errors import CapacityError
 FP8_DTYPE = torch.float8_e4m3fn
 
 
+def check_is_tensor(name: str, value: object, hint: str = "") -> None:
+    """A TypeError naming the argument unless ``value`` is a tensor (``hint``: what it
+    should be, appended to the message)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
+
+
 def check_tensor(
     name: str,
     t: object,
@@ -27,8 +34,8 @@ def check_tensor(
 
     ``shape`` entries that are not None must match exactly.
     """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_is_tensor(name, t)
+    assert isinstance(t, torch.Tensor)  # for the type checker
     dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
     if t.dtype not in dtypes:
         want = " or ".join(str(d) for d in dtypes)

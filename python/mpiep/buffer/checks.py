@@ -57,8 +57,7 @@ def get_dispatch_layout_lean(buf: Buffer, topk_idx: Any, num_experts: int) -> No
 
 def dispatch_lean(buf: Buffer, req: DispatchRequest) -> None:
     data, handle = req.x, req.handle
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(data).__name__}")
+    val.check_is_tensor("x", data)
     _dispatch_ints(req.expert_alignment, req.num_worst_tokens)
     if handle is not None:
         _cached_dispatch_handle(buf, handle, data, req.num_worst_tokens)
@@ -111,8 +110,7 @@ def _cached_dispatch_handle(
 def combine_lean(buf: Buffer, req: CombineRequest) -> None:
     x, handle, topk_weights = req.x, req.handle, req.topk_weights
     hc.check_dispatch_handle(handle, buf._id, buf.group_size)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    val.check_is_tensor("x", x)
     rows = handle.num_output_rows
     if tuple(x.shape) != (rows, handle.hidden):
         raise ValueError(
@@ -297,19 +295,13 @@ def low_latency_dispatch(buf: Buffer, req: LowLatencyDispatchRequest) -> Signatu
     )
 
 
-def _must_be_tensor(name: str, value: object, hint: str = "") -> None:
-    """A clear TypeError where the native op's binding would list its overloads instead."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
-
-
 def low_latency_dispatch_lean(buf: Buffer, req: LowLatencyDispatchRequest) -> None:
     """Without validation on a backend whose op checks its tensors (``native_checks``): only
     what the native op cannot see (the op reads dtypes, shapes and devices; its binding
     cannot take a non-tensor). The decode hot path: no tensor property is read here, and
     a backend that keeps the receive-hook rules itself refuses a taken slot before launching."""
-    _must_be_tensor("x", req.x, " (BF16 [num_tokens, hidden])")
-    _must_be_tensor("topk_idx", req.topk_idx)
+    val.check_is_tensor("x", req.x, " (BF16 [num_tokens, hidden])")
+    val.check_is_tensor("topk_idx", req.topk_idx)
     if not buf._ll.backend_hooks:
         buf._hooks.check_free("dispatch")
 
@@ -321,11 +313,11 @@ def low_latency_combine_lean(buf: Buffer, req: LowLatencyCombineRequest, use_log
     hc.check_received(handle)
     if use_logfmt:
         raise ValueError("use_logfmt is not supported yet")
-    _must_be_tensor("x", req.x, _COMBINE_X_HINT)
-    _must_be_tensor("topk_idx", topk_idx)
-    _must_be_tensor("topk_weights", req.topk_weights)
+    val.check_is_tensor("x", req.x, _COMBINE_X_HINT)
+    val.check_is_tensor("topk_idx", topk_idx)
+    val.check_is_tensor("topk_weights", req.topk_weights)
     if req.out is not None:
-        _must_be_tensor("out", req.out)
+        val.check_is_tensor("out", req.out)
     hc.check_dispatched_topk(handle, topk_idx)
     if not buf._ll.backend_hooks:
         buf._hooks.check_free("combine")
