@@ -1,6 +1,6 @@
 """What the GPU test files share: the marks that run them only where a GPU and the compiled
-core are, and pass/fail agreed across ranks (an assertion that fails on one rank alone would
-leave the others waiting in the next collective)."""
+core are, pass/fail agreed across ranks (an assertion that fails on one rank alone would
+leave the others waiting in the next collective), and a plain dispatch's layout arguments."""
 
 from __future__ import annotations
 
@@ -74,3 +74,17 @@ def run_checked(fn: Callable[[], Any]) -> None:
     except Exception as exc:  # reported collectively below
         ok, msg = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
     agree_ok(ok, msg)
+
+
+def dispatch_layout(buf: Any, topk_idx: Any, num_experts: int, topk_weights: Any) -> dict:
+    """``Buffer.dispatch``'s keyword arguments for a dispatch without a handle: the layout
+    from ``buf.get_dispatch_layout`` and the top-k."""
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    return dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )

@@ -27,7 +27,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
-from gpu_common import core_has, gpu_marks  # noqa: E402
+from gpu_common import core_has, dispatch_layout, gpu_marks  # noqa: E402
 from ll_rounds import (  # noqa: E402
     COMM,
     TIMEOUT_S,
@@ -151,16 +151,8 @@ class NormalRound:
         self.w = torch.rand(T, K, generator=g).to(device)
 
     def dispatch(self, buf: Buffer) -> tuple:
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(self.idx, self.E)
-        recv_x, _, _, _, handle, _ = buf.dispatch(
-            self.x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=self.idx,
-            topk_weights=self.w,
-        )
+        layout = dispatch_layout(buf, self.idx, self.E, self.w)
+        recv_x, _, _, _, handle, _ = buf.dispatch(self.x, **layout)
         return recv_x, handle
 
     def combine(self, buf: Buffer, recv_x: torch.Tensor, handle) -> torch.Tensor:

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 MPI = pytest.importorskip("mpi4py.MPI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import core_has, gpu_marks  # noqa: E402
+from gpu_common import core_has, dispatch_layout, gpu_marks  # noqa: E402
 
 from mpiep import Buffer, get_low_latency_rdma_size_hint, get_normal_buffer_size_hint  # noqa: E402
 from mpiep.bench.data import make_routing, make_x  # noqa: E402
@@ -147,15 +147,7 @@ def test_low_latency_combine_refuses(ll_buffer, case):
 def _layout(buf: Buffer, E: int, seed: int):
     dev = buf.device
     idx, w = make_routing(COMM.rank, T, E, K, dev, seed)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    return dict(
-        num_tokens_per_rank=per_rank,
-        num_tokens_per_rdma_rank=per_rdma,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=idx,
-        topk_weights=w,
-    )
+    return dispatch_layout(buf, idx, E, w)
 
 
 NORMAL_DISPATCH_CASES = {

@@ -20,7 +20,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normal_checks as nc  # noqa: E402
-from gpu_common import agree, core_has, gpu_marks  # noqa: E402
+from gpu_common import agree, core_has, dispatch_layout, gpu_marks  # noqa: E402
 
 import oracle  # noqa: E402
 from mpiep import Buffer, get_normal_buffer_size_hint  # noqa: E402
@@ -102,16 +102,7 @@ def test_cached_dispatch_and_combine_replay(group: str, pattern: str) -> None:
         assert buf._streams.ops_hop and buf.backend.normal._hop, "the op's comm-stream hop is on"
         x = new_x(seed, dev)
         xq, xs = per_token_cast_to_fp8(x)
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-        recv_x, _, recv_w, _, handle, _ = buf.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=idx,
-            topk_weights=w,
-        )
+        recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, **dispatch_layout(buf, idx, E, w))
         torch.cuda.synchronize()
         # The op's outputs and the handle (checked against the oracle, not against Python).
         n = recv_all[me].num_rows
@@ -239,15 +230,7 @@ def test_plain_dispatch_capture_says_why() -> None:
     problems: list[str] = []
     try:
         x = new_x(99 + me, dev)
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-        layout = dict(
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=idx,
-            topk_weights=w,
-        )
+        layout = dispatch_layout(buf, idx, E, w)
         handle = buf.dispatch(x, **layout)[4]
         torch.cuda.synchronize()
         graph, raised = torch.cuda.CUDAGraph(), None
