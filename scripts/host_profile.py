@@ -31,6 +31,7 @@ from mpi4py import MPI
 from mpiep import Buffer, EventOverlap
 from mpiep.backends.base import LowLatencyCombineRequest as LLC
 from mpiep.backends.base import LowLatencyDispatchRequest as LLD
+from mpiep.bench.timing import elapsed_us
 from mpiep.config import get_low_latency_rdma_size_hint
 
 
@@ -49,25 +50,17 @@ def host_us(fn: Callable[[], object], n: int, after: Callable[[], None] | None =
 
 
 def stream_us(fn: Callable[[], object], n: int, batch: int = 10) -> float:
-    """Back-to-back time per call on the stream: CUDA events around batches of ``batch``
-    calls, median over the batches (one preempted batch on a busy host would move a mean by
-    tens of microseconds), after a warm-up (the first calls of a new pattern grow the
-    caching allocator's pools)."""
-    pairs = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(max(1, n // batch))
-    ]
+    """Back-to-back time per call on the stream, as the bench measures it: batches of
+    ``batch`` calls between CUDA events (``bench.timing.elapsed_us``), median over the batches
+    (one preempted batch on a busy host would move a mean by tens of microseconds), after a
+    warm-up (the first calls of a new pattern grow the caching allocator's pools)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    for start, end in pairs:
-        start.record()
-        for _ in range(batch):
-            fn()
-        end.record()
-    pairs[-1][1].synchronize()
-    per_batch = [start.elapsed_time(end) * 1e3 / batch for start, end in pairs]
-    return statistics.median(per_batch)
+    device = torch.device("cuda", torch.cuda.current_device())
+    return statistics.median(
+        elapsed_us(fn, batch, device) / batch for _ in range(max(1, n // batch))
+    )
 
 
 def per_call_us(stmt: Callable[[], object], n: int = 2000) -> float:

@@ -22,7 +22,9 @@ import torch
 from mpi4py import MPI
 
 
-def _elapsed_us(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
+def elapsed_us(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
+    """Time of ``repeat`` back-to-back calls of ``fn``: CUDA events around them on a GPU
+    (synchronised after the last), the host clock on a CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -66,10 +68,10 @@ def time_call(
     started = time.perf_counter()
     for i in range(iters):
         comm.Barrier()
-        synced.append(comm.allreduce(_elapsed_us(fn, 1, device), op=MPI.MAX))
+        synced.append(comm.allreduce(elapsed_us(fn, 1, device), op=MPI.MAX))
         if batch > 1:
             comm.Barrier()
-            batched.append(comm.allreduce(_elapsed_us(fn, batch, device) / batch, op=MPI.MAX))
+            batched.append(comm.allreduce(elapsed_us(fn, batch, device) / batch, op=MPI.MAX))
         if step is not None:
             step(i + 1, iters)
         out_of_time = time.perf_counter() - started > budget_s and i >= 1
@@ -158,7 +160,7 @@ def time_interleaved(
     for i in range(iters):
         for fn, out in zip(fns, samples, strict=True):
             comm.Barrier()
-            out.append(comm.allreduce(_elapsed_us(fn, 1, torch.device("cpu")), op=MPI.MAX))
+            out.append(comm.allreduce(elapsed_us(fn, 1, torch.device("cpu")), op=MPI.MAX))
         if step is not None:
             step(i + 1, iters)
         out_of_time = time.perf_counter() - started > budget_s and i >= 1
